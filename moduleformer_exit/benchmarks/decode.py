@@ -1,0 +1,108 @@
+"""Greedy-decode throughput (tokens/s) of a ModuleFormer with the KV cache through HF ``generate``."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from ..configuration import ModuleFormerConfig, bundled_config_path
+from ..modeling import ModuleFormerForCausalLM
+
+
+def active_parameters(config: ModuleFormerConfig, include_embeddings: bool = False) -> int:
+    """Parameters one token uses: shared K/V, k_att of n_att_experts attention experts, k_mlp of n_mlp_experts MLP
+    experts, both gates, LayerNorms, ``lm_head`` (and the embedding row table if ``include_embeddings``)."""
+    d, a, f, g = config.n_embd, config.att_hidden, config.ffd_hidden, config.gating_size
+    gate_out = {"mlp": lambda e: d * g + g + e * g, "linear": lambda e: e * d, "gmm": lambda e: d * g + e * g + 1}
+    gate = gate_out[config.gate_type]
+    per_layer = (
+        config.k_att * 2 * d * a + 2 * (d * a + a) + config.k_mlp * 2 * d * f
+        + gate(config.n_att_experts) + gate(config.n_mlp_experts) + 4 * d
+    )
+    total = config.n_layer * per_layer + 2 * d + config.vocab_size * d
+    return total + (config.vocab_size * d if include_embeddings else 0)
+
+
+def bench_decode(
+    batch_sizes: tuple[int, ...] = (1, 16),
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    threads: int = 2,
+    config: Optional[ModuleFormerConfig] = None,
+    repeats: int = 2,
+) -> list[dict]:
+    """Greedy ``generate`` tokens/s with the KV cache, one row per batch size (best of ``repeats`` runs).
+
+    Uses the ~25M-active-parameter config in ``configs/moduleformer-25m-active.json`` unless ``config`` is given.
+    Returns dicts with ``batch``, ``prompt_len``, ``new_tokens``, ``seconds``, ``tokens_per_s``, ``active_params``.
+    """
+    torch.set_num_threads(threads)
+    config = config or ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-25m-active"))
+    torch.manual_seed(0)
+    model = ModuleFormerForCausalLM(config).eval()
+    rows = []
+    for batch in batch_sizes:
+        prompt = torch.randint(3, config.vocab_size, (batch, prompt_len))
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                      pad_token_id=config.pad_token_id or 0, use_cache=True)
+        with torch.inference_mode():
+            model.generate(prompt, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model.generate(prompt, **kwargs)
+                best = min(best, time.perf_counter() - start)
+        rows.append(dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, seconds=best,
+                         tokens_per_s=batch * new_tokens / best, active_params=active_parameters(config)))
+    return rows
+
+
+def bench_acd_decode(
+    batch: int = 1,
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    threads: int = 2,
+    config: Optional[ModuleFormerConfig] = None,
+    repeats: int = 3,
+) -> list[dict]:
+    """Greedy decode tokens/s with ACD vs plain greedy on the same ModuleFormer (exit heads at n_layer/2 and n_layer).
+
+    Rows: ``plain`` (``ModuleFormerForCausalLM``), ``multi-exit original`` (the wrapper with ``use_original_head``),
+    ``ACD original,L/2`` and ``ACD L,L/2``; ``overhead`` = time / plain time - 1. Runs are interleaved and the best
+    of ``repeats`` is kept, so machine noise hits every row alike.
+    """
+    from ..multi_exit_config import MultiExitConfiguration
+    from ..multi_exit_models import MultiExitModuleFormer
+
+    torch.set_num_threads(threads)
+    config = config or ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-25m-active"))
+    middle = max(1, config.n_layer // 2)
+    torch.manual_seed(0)
+    plain = ModuleFormerForCausalLM(config).eval()
+    multi = MultiExitModuleFormer(config, multi_exit_config=MultiExitConfiguration(
+        lm_head_layer_indices=(middle, config.n_layer))).eval()
+    multi.load_state_dict(plain.state_dict(), strict=False)
+    variants = {
+        "plain": (plain, None),
+        "multi-exit original": (multi, MultiExitConfiguration()),
+        f"ACD original,{middle}": (multi, MultiExitConfiguration(use_original_head=False,
+                                                                  contrast_layer_indices=("original", middle))),
+        f"ACD {config.n_layer},{middle}": (multi, MultiExitConfiguration(
+            use_original_head=False, contrast_layer_indices=(config.n_layer, middle))),
+    }
+    prompt = torch.randint(3, config.vocab_size, (batch, prompt_len))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=config.pad_token_id or 0)
+    best = {name: float("inf") for name in variants}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, (model, runtime) in variants.items():
+                if runtime is not None:
+                    model.set_multi_exit_config(runtime)
+                start = time.perf_counter()
+                model.generate(prompt, **kwargs)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return [dict(mode=name, batch=batch, new_tokens=new_tokens, seconds=seconds,
+                 tokens_per_s=batch * new_tokens / seconds, overhead=seconds / best["plain"] - 1.0)
+            for name, seconds in best.items()]

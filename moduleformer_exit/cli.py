@@ -1,0 +1,176 @@
+"""``moduleformer-exit`` command line: ``bench`` (benchmark tables) and ``generate`` (streamed generation with the
+original head, one exit, or ACD); training commands (``quickstart``, ``pretrain``, ...) arrive with their issue."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+BENCH_SECTIONS = ("moe", "attention", "decode", "acd")
+
+
+def _table(title: str, columns: Sequence[tuple[str, str]], rows: list[dict]) -> None:
+    """Print ``rows`` as a rich table; ``columns`` are (key, format) pairs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for key, _ in columns:
+        table.add_column(key, justify="right")
+    for row in rows:
+        table.add_row(*[("-" if row.get(key) is None else format(row[key], fmt)) for key, fmt in columns])
+    Console(width=160).print(table)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the selected benchmark sections (one process, one run) and print their tables."""
+    sections = BENCH_SECTIONS if args.only is None else tuple(args.only.split(","))
+    unknown = set(sections) - set(BENCH_SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown bench section(s) {sorted(unknown)}; choose from {', '.join(BENCH_SECTIONS)}")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
+          f"fp32{' (quick sizes)' if args.quick else ''}")
+    results: dict[str, list[dict]] = {}
+    if "moe" in sections:
+        from .benchmarks.moe import bench_moe_mlp
+
+        shapes = ((256, 64, 64, 8, 2),) if args.quick else ((4096, 1024, 1024, 32, 2), (4096, 1024, 256, 64, 4))
+        results["moe"] = bench_moe_mlp(shapes=shapes, threads=args.threads, **({"repeats": 2} if args.quick else {}))
+        _table("MoE MLP layer vs dense GEMM pair of equal active FLOPs (efficiency = dense / MoE)",
+               [("N", "d"), ("d", "d"), ("h", "d"), ("E", "d"), ("k", "d"), ("fwd_moe_ms", ".1f"),
+                ("fwd_dense_ms", ".1f"), ("fwd_eff", ".2f"), ("fwdbwd_moe_ms", ".1f"), ("fwdbwd_dense_ms", ".1f"),
+                ("fwdbwd_eff", ".2f")], results["moe"])
+    if "attention" in sections:
+        from .benchmarks.attention import bench_stick_breaking
+
+        seq_lens = (64, 128) if args.quick else (512, 1024, 2048)
+        results["attention"] = bench_stick_breaking(seq_lens=seq_lens, threads=args.threads,
+                                                    **({"repeats": 2} if args.quick else {}))
+        _table("Stick-breaking attention fwd vs SDPA(is_causal) (B=1, 16 query heads, head_dim 64)",
+               [("T", "d"), ("sb_ms", ".1f"), ("sdpa_ms", ".1f"), ("ratio", ".2f"), ("sb_peak_mb", ".1f"),
+                ("sdpa_peak_mb", ".1f")], results["attention"])
+    if "decode" in sections:
+        from .benchmarks.decode import bench_decode
+
+        if args.quick:
+            from .configuration import ModuleFormerConfig, bundled_config_path
+
+            config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
+            results["decode"] = bench_decode(batch_sizes=(1, 2), prompt_len=4, new_tokens=4, config=config,
+                                             threads=args.threads, repeats=1)
+        else:
+            results["decode"] = bench_decode(threads=args.threads)
+        _table("Greedy decode with KV cache (HF generate)",
+               [("batch", "d"), ("prompt_len", "d"), ("new_tokens", "d"), ("seconds", ".2f"),
+                ("tokens_per_s", ".1f"), ("active_params", ",d")], results["decode"])
+    if "acd" in sections:
+        from .benchmarks.decode import bench_acd_decode
+
+        if args.quick:
+            from .configuration import ModuleFormerConfig, bundled_config_path
+
+            config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
+            results["acd"] = bench_acd_decode(prompt_len=4, new_tokens=4, config=config, threads=args.threads,
+                                              repeats=1)
+        else:
+            results["acd"] = bench_acd_decode(threads=args.threads)
+        _table("ACD greedy decode vs plain greedy, same model (batch 1; overhead = time / plain - 1)",
+               [("mode", ""), ("batch", "d"), ("new_tokens", "d"), ("seconds", ".2f"), ("tokens_per_s", ".1f"),
+                ("overhead", "+.1%")], results["acd"])
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+def _parse_contrast(text: str) -> tuple:
+    parts = [p.strip() for p in text.replace(";", ",").split(",")]
+    if len(parts) != 2:
+        raise SystemExit(f"--contrast takes two layers 'UPPER,LOWER' (e.g. original,12), got {text!r}")
+    return tuple(p if p.lower() == "original" else int(p) for p in parts)
+
+
+def load_for_generation(model_dir: str, contrast: Optional[str] = None, exit_layer: Optional[int] = None,
+                        alpha: float = 0.1):
+    """Load a causal LM for generation: a multi-exit model (ModuleFormer, GPT-2, GPT-Neo) when an exit or contrast
+    is asked for or the checkpoint has exit heads, otherwise a plain ``AutoModelForCausalLM``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import AutoMultiExitModel, MultiExitConfiguration
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if contrast is not None and exit_layer is not None:
+        raise SystemExit("use either --contrast or --exit, not both")
+    if contrast is not None:
+        runtime = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=_parse_contrast(contrast),
+                                         alpha=alpha)
+    elif exit_layer is not None:
+        runtime = MultiExitConfiguration(use_original_head=False, output_layer_index=exit_layer)
+    elif getattr(config, "lm_head_layer_indices", None):
+        runtime = MultiExitConfiguration()
+    else:
+        return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return AutoMultiExitModel.from_pretrained(model_dir, runtime).eval()
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Generate from a prompt, streaming tokens to stdout as they are produced."""
+    from transformers import AutoTokenizer, TextStreamer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = load_for_generation(args.model, args.contrast, args.exit, args.alpha)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                       temperature=args.temperature if args.do_sample else None,
+                       top_k=args.top_k if args.do_sample else None, top_p=args.top_p if args.do_sample else None,
+                       num_beams=args.num_beams, pad_token_id=pad_id, streamer=streamer)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moduleformer-exit`` argument parser."""
+    parser = argparse.ArgumentParser(prog="moduleformer-exit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="print benchmark tables (MoE layer, stick-breaking attention, decode, ACD)")
+    bench.add_argument("--only", help=f"comma-separated subset of {','.join(BENCH_SECTIONS)}")
+    bench.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the command runs, not speed")
+    bench.add_argument("--json", help="also write the rows to this JSON file")
+    bench.set_defaults(func=run_bench)
+    gen = sub.add_parser("generate", help="generate text (original head, one exit with --exit, or ACD with --contrast)")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", required=True, help="checkpoint directory with config, weights and tokenizer")
+    gen.add_argument("--contrast", help="ACD between two layers: UPPER,LOWER (e.g. original,12 or 24,12)")
+    gen.add_argument("--exit", type=int, help="decode from exit layer K alone")
+    gen.add_argument("--alpha", type=float, default=0.1, help="ACD plausibility threshold (default 0.1)")
+    gen.add_argument("--max-new-tokens", type=int, default=50)
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--seed", type=int)
+    gen.set_defaults(func=run_generate)
+    quick = sub.add_parser("quickstart", help="train a small ModuleFormer on the bundled corpus (coming)")
+    quick.set_defaults(func=lambda _: print("quickstart: coming with the training issue") or 0)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``moduleformer-exit`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

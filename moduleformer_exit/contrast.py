@@ -1,0 +1,46 @@
+"""Auto-Contrastive Decoding (ACD, Gera et al. 2023): contrast an upper (expert) exit with a lower (amateur) exit."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def auto_contrastive_log_probs(
+    upper_logits: Tensor, lower_logits: Tensor, alpha: float = 0.1, minimum_candidates: int = 1
+) -> Tensor:
+    """ACD log-probabilities, independently at every position (any leading shape, vocabulary last).
+
+    With ``p_up = softmax(upper)``, ``p_low = softmax(lower)``: the head set is
+    ``H = {v : p_up(v) >= min(alpha * max p_up, the minimum_candidates-th largest p_up)}``; inside H the expert's mass
+    ``M = sum_H p_up`` is redistributed proportionally to ``exp(log p_up - log p_low)``; outside H the expert
+    probability is kept. Returns ``log p_ACD`` (normalised), float32.
+
+    Computed in log space (``log_softmax``) so extreme logits never give NaN: where the literal formula's ``log 0``
+    would appear (a probability underflowing to 0) this version stays finite; elsewhere they agree.
+    """
+    if upper_logits.shape != lower_logits.shape:
+        raise ValueError(
+            f"upper and lower logits must have the same shape, got {tuple(upper_logits.shape)} and "
+            f"{tuple(lower_logits.shape)}."
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    vocab = upper_logits.shape[-1]
+    if not 1 <= minimum_candidates <= vocab:
+        raise ValueError(f"minimum_candidates must be in [1, vocab size {vocab}], got {minimum_candidates}.")
+    log_up = torch.log_softmax(upper_logits.float(), dim=-1)
+    log_low = torch.log_softmax(lower_logits.float(), dim=-1)
+    p_up = log_up.exp()
+    kth_largest = p_up.topk(minimum_candidates, dim=-1).values[..., -1:]
+    threshold = torch.minimum(alpha * p_up.amax(dim=-1, keepdim=True), kth_largest)
+    in_head = p_up >= threshold
+    log_mass = torch.logsumexp(log_up.masked_fill(~in_head, float("-inf")), dim=-1, keepdim=True)
+    score = (log_up - log_low).masked_fill(~in_head, float("-inf"))
+    redistributed = log_mass + torch.log_softmax(score, dim=-1)
+    return torch.where(in_head, redistributed, log_up)
+
+
+def calculate_contrasted_logits(upper_layer_logits: Tensor, lower_layer_logits: Tensor, minimum_candidates: int = 1,
+                                alpha: float = 0.1) -> Tensor:
+    """autocontrastive-gen's name and argument order for :func:`auto_contrastive_log_probs` (drop-in)."""
+    return auto_contrastive_log_probs(upper_layer_logits, lower_layer_logits, alpha, minimum_candidates)

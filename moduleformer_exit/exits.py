@@ -1,0 +1,220 @@
+"""Intermediate exit heads on a causal LM: exit logits, ACD / single-exit outputs, the exit training loss, freezing.
+
+``MultiExitMixin`` goes before a transformers causal-LM class whose backbone exposes ``hidden_states`` with n_layer + 1
+entries (the last one already final-normed) and a final norm ``ln_f`` (ModuleFormer, GPT-2, GPT-Neo):
+
+    exit_k     = head_k(ln_f(hidden_states[k]))   for 1 <= k < n_layer
+    exit_L     = head_L(hidden_states[n_layer])   (already normed)
+    "original" = lm_head(hidden_states[n_layer])  (the model's normal logits)
+
+Parameter names follow autocontrastive-gen (``name_to_lm_exit_head.lm_head_<k>.weight``,
+``name_to_conv_matrix.<k>_to_<L>.weight``), so its checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .contrast import auto_contrastive_log_probs
+from .multi_exit_config import ORIGINAL, MultiExitConfiguration, VocabularyProjectionMode
+
+HEAD_PREFIX = "name_to_lm_exit_head."
+EXIT_LOSS_WEIGHTINGS = ("sum", "calm")
+
+
+def _shifted_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (float32), ignoring -100."""
+    return F.cross_entropy(logits[..., :-1, :].float().reshape(-1, logits.shape[-1]),
+                           labels[..., 1:].reshape(-1), ignore_index=-100)
+
+
+class MultiExitMixin:
+    """Adds exit heads, ACD and exit losses to a causal LM (see the module docstring for the exit definition).
+
+    Constructed as ``cls(config, multi_exit_config=MultiExitConfiguration(...))``; ``config.lm_head_layer_indices``
+    (saved in ``config.json``) lists the exits. Runtime options live in ``self.multi_exit_config`` and can be switched
+    with :meth:`set_multi_exit_config` without reloading.
+    """
+
+    backbone_name = "transformer"
+
+    def __init__(self, config, *args: Any, multi_exit_config: Optional[MultiExitConfiguration] = None,
+                 exit_loss_weighting: str = "sum", **kwargs: Any) -> None:
+        multi_exit_config = multi_exit_config or MultiExitConfiguration()
+        if multi_exit_config.lm_head_layer_indices is not None:
+            config.lm_head_layer_indices = list(multi_exit_config.lm_head_layer_indices)
+        indices = getattr(config, "lm_head_layer_indices", None)
+        config.lm_head_layer_indices = sorted(set(int(i) for i in indices)) if indices else []
+        super().__init__(config, *args, **kwargs)
+        if exit_loss_weighting not in EXIT_LOSS_WEIGHTINGS:
+            raise ValueError(f"exit_loss_weighting must be one of {EXIT_LOSS_WEIGHTINGS}, got {exit_loss_weighting!r}.")
+        self.exit_loss_weighting = exit_loss_weighting
+        num_layers, hidden = config.num_hidden_layers, config.hidden_size
+        for k in config.lm_head_layer_indices:
+            if not 1 <= k <= num_layers:
+                raise ValueError(
+                    f"Exit layer {k} in lm_head_layer_indices is out of range: this model has {num_layers} layers, "
+                    f"so exits are 1..{num_layers}."
+                )
+        self.multi_exit_config = multi_exit_config
+        mode = multi_exit_config.vocab_projection_mode
+        if mode is VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION:
+            self.name_to_lm_exit_head = nn.ModuleDict({
+                f"lm_head_{k}": nn.Linear(hidden, config.vocab_size, bias=False) for k in config.lm_head_layer_indices
+            })
+        elif mode is VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS:
+            self.name_to_conv_matrix = nn.ModuleDict({
+                f"{k}_to_{num_layers}": nn.Linear(hidden, hidden, bias=False)
+                for k in config.lm_head_layer_indices if k != num_layers
+            })
+            for cast in self.name_to_conv_matrix.values():
+                nn.init.eye_(cast.weight)  # an unfitted cast is the identity (= logit lens)
+                cast.weight.requires_grad_(False)  # fitted by least squares, never trained
+        self.post_init()
+        self._check_requested_layers(multi_exit_config)
+        self.apply_freeze()
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        casts = getattr(self, "name_to_conv_matrix", None)
+        if casts is not None and any(module is cast for cast in casts.values()):
+            with torch.no_grad():
+                module.weight.copy_(torch.eye(module.weight.shape[0], dtype=module.weight.dtype))
+
+    @property
+    def exit_layers(self) -> list[int]:
+        """The layers with exits (``config.lm_head_layer_indices``)."""
+        return list(self.config.lm_head_layer_indices)
+
+    def _check_requested_layers(self, multi_exit_config: MultiExitConfiguration) -> None:
+        num_layers = self.config.num_hidden_layers
+        mode = multi_exit_config.vocab_projection_mode
+        for layer in multi_exit_config.requested_layers():
+            if layer == ORIGINAL:
+                continue
+            if not 1 <= layer <= num_layers:
+                raise ValueError(f"Exit layer {layer} is out of range: this model has exits 1..{num_layers}.")
+            if mode is not VocabularyProjectionMode.SHARED_PROJECTION_DIRECT and layer not in self.exit_layers:
+                raise ValueError(
+                    f"Exit layer {layer} does not match the exit heads in the model (lm_head_layer_indices="
+                    f"{self.exit_layers}); choose one of them or 'original'."
+                )
+
+    def set_multi_exit_config(self, multi_exit_config: MultiExitConfiguration) -> None:
+        """Switch runtime options (original head, single exit, contrast pair, ACD parameters) in place.
+
+        The projection mode and the exit layers are fixed at construction (they decide which parameters exist)."""
+        if multi_exit_config.vocab_projection_mode is not self.multi_exit_config.vocab_projection_mode:
+            raise ValueError("vocab_projection_mode is fixed when the model is built; reload to change it.")
+        self._check_requested_layers(multi_exit_config)
+        self.multi_exit_config = multi_exit_config
+        self.apply_freeze()
+
+    def apply_freeze(self) -> None:
+        """With ``freeze_parameters``, only exit heads train; cast matrices never train. Re-applied after loading
+        (transformers 5 loading resets ``requires_grad``)."""
+        freeze = self.multi_exit_config.freeze_parameters
+        for name, param in self.named_parameters():
+            if name.startswith("name_to_conv_matrix."):
+                param.requires_grad_(False)
+            elif freeze:
+                param.requires_grad_(name.startswith(HEAD_PREFIX))
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """``from_pretrained`` that re-applies the freeze after the weights are loaded."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.apply_freeze()
+        return model
+
+    # ----------------------------------------------------------------------------------------------- exits
+    @property
+    def backbone(self) -> nn.Module:
+        return getattr(self, self.backbone_name)
+
+    def final_norm(self) -> nn.Module:
+        """The backbone's shared final norm, applied to exits below the top layer."""
+        return self.backbone.ln_f
+
+    def exit_logits(self, hidden_states: tuple[Tensor, ...], layer) -> Tensor:
+        """Float32 logits of exit ``layer`` (int, or ``'original'``) from the backbone's ``hidden_states``."""
+        num_layers = self.config.num_hidden_layers
+        if layer == ORIGINAL:
+            return self.lm_head(hidden_states[num_layers]).float()
+        h = hidden_states[layer]
+        if layer < num_layers:
+            h = self.final_norm()(h)
+        mode = self.multi_exit_config.vocab_projection_mode
+        if mode is VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION:
+            return self.name_to_lm_exit_head[f"lm_head_{layer}"](h).float()
+        if mode is VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS and layer != num_layers:
+            h = self.name_to_conv_matrix[f"{layer}_to_{num_layers}"](h)
+        return self.lm_head(h).float()
+
+    def output_logits(self, hidden_states: tuple[Tensor, ...]) -> Tensor:
+        """The configured output: original logits, exit k's raw logits, or the contrast of two exits."""
+        cfg = self.multi_exit_config
+        if cfg.use_original_head:
+            return self.exit_logits(hidden_states, ORIGINAL)
+        if cfg.contrast_layer_indices is None:
+            return self.exit_logits(hidden_states, cfg.output_layer_index)
+        upper, lower = (self.exit_logits(hidden_states, layer) for layer in cfg.contrast_layer_indices)
+        if cfg.contrast_function is not None:
+            return cfg.contrast_function(upper, lower)
+        return auto_contrastive_log_probs(upper, lower, cfg.alpha, cfg.minimum_candidates)
+
+    def exit_loss(self, hidden_states: tuple[Tensor, ...], labels: Tensor) -> Tensor:
+        """Training loss of the exits: sum of per-exit shifted mean CE (autocontrastive-gen), or CALM's weighting
+        ``sum_k (k / sum_j j) CE_k`` over the exit layers when ``exit_loss_weighting="calm"``."""
+        layers = self.exit_layers
+        losses = [_shifted_ce(self.exit_logits(hidden_states, k), labels) for k in layers]
+        if self.exit_loss_weighting == "calm":
+            total = float(sum(layers))
+            return sum(k / total * loss for k, loss in zip(layers, losses))
+        return sum(losses)
+
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Backbone forward, then the configured output logits at every kept position (all positions unless
+        ``logits_to_keep``), so generation and log-likelihood scoring both work. With ``labels`` the loss is the exit
+        loss (:meth:`exit_loss`); a model without exits falls back to the original head's CE."""
+        backbone_kwargs = dict(attention_mask=attention_mask, past_key_values=past_key_values,
+                               inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               output_attentions=output_attentions, output_hidden_states=True)
+        if position_ids is not None:
+            backbone_kwargs["position_ids"] = position_ids
+        kwargs.pop("num_items_in_batch", None)
+        outputs = self.backbone(input_ids, **backbone_kwargs, **kwargs)
+        hidden_states = outputs.hidden_states
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.output_logits(tuple(h[:, keep] for h in hidden_states))
+        loss = None
+        if labels is not None:
+            if self.exit_layers:
+                loss = self.exit_loss(hidden_states, labels)
+            else:
+                loss = _shifted_ce(self.exit_logits(hidden_states, ORIGINAL), labels)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=hidden_states if output_hidden_states else None,
+            attentions=getattr(outputs, "attentions", None),
+        )

@@ -1,0 +1,369 @@
+"""ModuleFormer models for transformers 5: embedding -> blocks (MoA + MoE MLP) -> final LayerNorm -> heads.
+
+Module and parameter names equal IBM's (``transformer.h.N.attn.q_proj.experts.weight``, ``lm_head.weight``, ...), so
+checkpoints written by the original code load unchanged; its unused ``attn.mask`` / ``attn.cum_weight`` buffers are
+accepted and ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import get_activation
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.utils import can_return_tuple
+
+from .attention import ModuleFormerAttention
+from .configuration import ModuleFormerConfig
+from .gates import TopKGating
+from .moe import MoE, ParallelExperts
+
+
+@dataclass
+class ModuleFormerModelOutput(MoeModelOutputWithPast):
+    """Base-model output; ``aux_loss`` is the sum of the 2 * n_layer router losses (None when not computed).
+
+    ``hidden_states`` has n_layer + 1 entries: [0] the embeddings, [k] the output of block k, and the last one the
+    output of the final LayerNorm (so ``lm_head(hidden_states[-1]) == logits``). ``router_logits`` is a tuple with one
+    ``(attention_router_logits [B*T, n_att_experts], mlp_router_logits [B*T, n_mlp_experts])`` pair per block.
+    """
+
+    aux_loss: Optional[Tensor] = None
+
+
+def _sum_optional(total: Optional[Tensor], value: Optional[Tensor]) -> Optional[Tensor]:
+    if value is None:
+        return total
+    return value if total is None else total + value
+
+
+class ModuleFormerBlock(GradientCheckpointingLayer):
+    """Pre-LayerNorm block: ``x + MoA(ln_1(x))`` then ``x + MoE-MLP(ln_2(x))``."""
+
+    def __init__(self, config: ModuleFormerConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = ModuleFormerAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlpf = MoE(
+            input_size=config.n_embd,
+            head_size=config.ffd_hidden,
+            num_experts=config.n_mlp_experts,
+            top_k=config.k_mlp,
+            bias=False,
+            activation=get_activation(config.activation_function),
+            gating_dropout=config.moe_pdrop,
+            sample_topk=config.sample_topk,
+            gating_size=config.gating_size,
+            aux_loss=config.aux_loss_type,
+            gate_type=config.gate_type,
+            kernel_backend=config.kernel_backend,
+        )
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        compute_aux: bool = True,
+        output_attentions: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Optional[Tensor], tuple[Tensor, Tensor], Optional[Tensor]]:
+        """``hidden_states`` ``[B, T, n_embd]`` -> (new hidden states, aux loss or None, (att, mlp) router logits,
+        attention weights or None)."""
+        attn_out, att_aux, att_logits, weights = self.attn(
+            self.ln_1(hidden_states), attention_mask, past_key_values, compute_aux, output_attentions
+        )
+        hidden_states = hidden_states + self.resid_dropout(attn_out)
+        mlp_out, mlp_aux, mlp_routing = self.mlpf(self.ln_2(hidden_states), compute_aux, return_routing=True)
+        hidden_states = hidden_states + self.resid_dropout(mlp_out)
+        return hidden_states, _sum_optional(att_aux, mlp_aux), (att_logits, mlp_routing.logits), weights
+
+
+class ModuleFormerPreTrainedModel(PreTrainedModel):
+    """Weight init, checkpoint-key handling and HF integration shared by the ModuleFormer models."""
+
+    config_class = ModuleFormerConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ModuleFormerBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # IBM's checkpoints store two persistent mask buffers per layer that the forward never reads.
+    _keys_to_ignore_on_load_unexpected = [r"attn\.mask$", r"attn\.cum_weight$"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """HF init for Linear / Embedding / LayerNorm (normal(0, initializer_range), ones, zeros) plus IBM's init for
+        expert tensors (U(-1/in, 1/in)) and gmm gate centroids (N(0, 1)) / temperature (0)."""
+        super()._init_weights(module)
+        if isinstance(module, ParallelExperts):
+            bound = 1.0 / module.input_size
+            init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                bias_bound = module.input_size ** -0.5
+                init.uniform_(module.bias, -bias_bound, bias_bound)
+        elif isinstance(module, TopKGating) and module.gate_type == "gmm":
+            init.normal_(module.expert_centroids, 0.0, 1.0)
+            init.zeros_(module.temperature)
+
+
+class ModuleFormerModel(ModuleFormerPreTrainedModel):
+    """The ModuleFormer decoder: token embedding (no positions), ``n_layer`` blocks, final LayerNorm ``ln_f``."""
+
+    def __init__(self, config: ModuleFormerConfig) -> None:
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([ModuleFormerBlock(config, layer_idx=i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    def _check_input_ids(self, input_ids: Tensor) -> None:
+        # An out-of-range id is an opaque IndexError on CPU and a device assert on CUDA: name the problem instead.
+        if input_ids.numel() == 0:
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids contain token id {high if high >= self.config.vocab_size else low}, outside the "
+                f"vocabulary [0, {self.config.vocab_size}): check that the tokenizer matches this model "
+                f"(config.vocab_size={self.config.vocab_size})."
+            )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_logits: bool = False,
+        compute_aux: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> ModuleFormerModelOutput:
+        """Run the decoder over ``input_ids`` ``[B, T]`` (or ``inputs_embeds`` ``[B, T, n_embd]``).
+
+        ``attention_mask`` ``[B, past + T]`` of 0/1 (left padding is exact: padded keys get zero weight and do not
+        break the stick). ``past_key_values`` is a transformers ``Cache`` (a ``DynamicCache`` is created when
+        ``use_cache`` and none is given). ``compute_aux`` (default: in training) computes the router aux loss.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        compute_aux = self.training if compute_aux is None else compute_aux
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError(
+                f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(past_key_values)}; "
+                "legacy tuple caches are not supported by transformers 5."
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+
+        if input_ids is not None:
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.wte(input_ids)
+        hidden_states = inputs_embeds
+        if token_type_ids is not None:  # GPT-J legacy kept by IBM: token types reuse the word embedding
+            hidden_states = hidden_states + self.wte(token_type_ids)
+        hidden_states = self.drop(hidden_states)
+
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(
+                    f"attention_mask must be 2-D [batch, past + new] of 0/1, got shape {tuple(attention_mask.shape)}."
+                )
+            if bool(attention_mask.all()):  # all visible: take the unmasked fast path
+                attention_mask = None
+
+        all_hidden = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_router_logits = () if output_router_logits else None
+        aux_loss = None
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            hidden_states, block_aux, router_logits, weights = block(
+                hidden_states,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                compute_aux=compute_aux,
+                output_attentions=output_attentions,
+            )
+            aux_loss = _sum_optional(aux_loss, block_aux)
+            if output_attentions:
+                all_attentions += (weights,)
+            if output_router_logits:
+                all_router_logits += (router_logits,)
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        return ModuleFormerModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=all_hidden,
+            attentions=all_attentions,
+            router_logits=all_router_logits,
+            aux_loss=aux_loss,
+        )
+
+
+class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
+    """ModuleFormer with an untied ``lm_head``; logits are float32. Loss = shifted CE + aux_loss_weight * aux."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}  # applied only if tie_word_embeddings
+
+    def __init__(self, config: ModuleFormerConfig) -> None:
+        super().__init__(config)
+        self.transformer = ModuleFormerModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_logits: bool = False,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs: Any,
+    ) -> MoeCausalLMOutputWithPast:
+        """Causal-LM forward. ``labels`` ``[B, T]`` (-100 = ignored) are shifted inside; the router aux loss is
+        computed in training or when labels are given, and added with ``config.aux_loss_weight`` only if > 0."""
+        compute_aux = self.training or labels is not None or output_router_logits
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+            compute_aux=compute_aux,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :]).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            if self.config.aux_loss_weight > 0 and outputs.aux_loss is not None:
+                loss = loss + self.config.aux_loss_weight * outputs.aux_loss
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=outputs.aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
+    """ModuleFormer with a linear ``score`` head on the last non-padding token (left or right padding)."""
+
+    def __init__(self, config: ModuleFormerConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = ModuleFormerModel(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.post_init()
+
+    def _last_token_index(self, input_ids: Optional[Tensor], batch_size: int, length: int) -> Tensor:
+        if self.config.pad_token_id is None:
+            if batch_size != 1:
+                raise ValueError(
+                    "ModuleFormerForSequenceClassification needs config.pad_token_id to find the last token of "
+                    "padded batches (batch size > 1): set it to your tokenizer's pad id."
+                )
+            return torch.full((batch_size,), length - 1, dtype=torch.long)
+        if input_ids is None:
+            raise ValueError("Pass input_ids (not inputs_embeds) so padding can be located, or use batch size 1.")
+        # Rightmost non-pad position; works for left and right padding.
+        positions = torch.arange(length, device=input_ids.device)
+        return ((input_ids != self.config.pad_token_id).long() * positions).argmax(-1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutputWithPast:
+        """Sequence classification / regression; the loss follows ``config.problem_type`` (HF conventions)."""
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch_size, length = logits.shape[:2]
+        last = self._last_token_index(input_ids, batch_size, length).to(logits.device)
+        pooled = logits[torch.arange(batch_size, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )

@@ -1,0 +1,106 @@
+"""Multi-exit ModuleFormer / GPT-2 / GPT-Neo models and ``AutoMultiExitModel`` (autocontrastive-gen's loader)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor
+from transformers import AutoConfig, GPT2LMHeadModel, GPTNeoForCausalLM
+
+from .exits import MultiExitMixin
+from .modeling import ModuleFormerForCausalLM
+from .multi_exit_config import MultiExitConfiguration, VocabularyProjectionMode
+
+
+class MultiExitModuleFormer(MultiExitMixin, ModuleFormerForCausalLM):
+    """ModuleFormer causal LM with exit heads (see :class:`~moduleformer_exit.exits.MultiExitMixin`)."""
+
+
+class MultiExitGPT2(MultiExitMixin, GPT2LMHeadModel):
+    """GPT-2 with exit heads; loads autocontrastive-gen's ``MultiHeadGPT2`` / ``MultiExitGPT2`` checkpoints."""
+
+
+class MultiExitGPTNeo(MultiExitMixin, GPTNeoForCausalLM):
+    """GPT-Neo with exit heads; loads autocontrastive-gen's ``MultiHeadGPTNeo`` / ``MultiExitGPTNeo`` checkpoints."""
+
+
+MULTI_EXIT_CLASSES = {
+    "moduleformer": MultiExitModuleFormer,
+    "gpt2": MultiExitGPT2,
+    "gpt_neo": MultiExitGPTNeo,
+}
+
+
+class AutoMultiExitModel:
+    """Loader picking the multi-exit class from the checkpoint's ``model_type`` (as autocontrastive-gen's)."""
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike,
+                        multi_exit_config: Optional[MultiExitConfiguration] = None, **kwargs: Any):
+        """Load a ModuleFormer, GPT-2 or GPT-Neo checkpoint with its exit heads.
+
+        ``config.json``'s ``lm_head_layer_indices`` lists the exits; a runtime ``multi_exit_config`` with its own
+        ``lm_head_layer_indices`` overrides it (heads missing from the checkpoint are newly initialised, e.g. to train
+        them). Every requested exit must exist (or be ``'original'``). Other kwargs go to ``from_pretrained``.
+        """
+        multi_exit_config = multi_exit_config or MultiExitConfiguration()
+        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        model_class = MULTI_EXIT_CLASSES.get(config.model_type)
+        if model_class is None:
+            raise ValueError(
+                f"AutoMultiExitModel supports model types {sorted(MULTI_EXIT_CLASSES)}, got {config.model_type!r}."
+            )
+        return model_class.from_pretrained(pretrained_model_name_or_path, config=config,
+                                           multi_exit_config=multi_exit_config, **kwargs)
+
+    @staticmethod
+    def from_config(config, multi_exit_config: Optional[MultiExitConfiguration] = None):
+        """A new (randomly initialised) multi-exit model of ``config``'s type."""
+        model_class = MULTI_EXIT_CLASSES.get(config.model_type)
+        if model_class is None:
+            raise ValueError(
+                f"AutoMultiExitModel supports model types {sorted(MULTI_EXIT_CLASSES)}, got {config.model_type!r}."
+            )
+        return model_class(config, multi_exit_config=multi_exit_config)
+
+
+@torch.no_grad()
+def fit_cast_matrices(model: MultiExitMixin, batches: Iterable[Tensor], attention_masks: Optional[Iterable] = None,
+                      max_rows: int = 200_000) -> dict[int, float]:
+    """Fit the CAST-mode matrices by least squares (no intercept): ``ln_f(h_k) @ W ~= hidden_states[L]``.
+
+    ``batches`` yields ``input_ids`` ``[B, T]`` (teacher-forced text); with ``attention_masks`` only real tokens are
+    used. The fitted ``W`` is written into ``name_to_conv_matrix["<k>_to_<L>"].weight`` (as ``W^T``). Returns the
+    relative residual ``||XW - Y|| / ||Y||`` per exit layer.
+    """
+    if model.multi_exit_config.vocab_projection_mode is not VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS:
+        raise ValueError("fit_cast_matrices needs a model built with SHARED_PROJECTION_CAST_OUTPUTS.")
+    num_layers = model.config.num_hidden_layers
+    layers = [k for k in model.exit_layers if k != num_layers]
+    inputs = {k: [] for k in layers}
+    targets = []
+    masks = iter(attention_masks) if attention_masks is not None else None
+    was_training = model.training
+    model.eval()
+    rows = 0
+    for input_ids in batches:
+        mask = next(masks) if masks is not None else None
+        hidden = model.backbone(input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        keep = mask.bool() if mask is not None else torch.ones(input_ids.shape, dtype=torch.bool)
+        targets.append(hidden[num_layers][keep].double())
+        for k in layers:
+            inputs[k].append(model.final_norm()(hidden[k])[keep].double())
+        rows += int(keep.sum())
+        if rows >= max_rows:
+            break
+    model.train(was_training)
+    target = torch.cat(targets)
+    residuals = {}
+    for k in layers:
+        x = torch.cat(inputs[k])
+        solution = torch.linalg.lstsq(x, target).solution  # [d, d]: x @ W ~= target
+        cast = model.name_to_conv_matrix[f"{k}_to_{num_layers}"]
+        cast.weight.copy_(solution.T.to(cast.weight.dtype))
+        residuals[k] = float((x @ solution - target).norm() / target.norm())
+    return residuals

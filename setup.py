@@ -1,0 +1,50 @@
+"""Installs moduleformer_exit; kernels/ and training/ install as its subpackages (never top-level)."""
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="moduleformer-exit",
+    version="0.1.0",
+    description=(
+        "ModuleFormer (IBM MoLM) mixture-of-experts language models on transformers 5: "
+        "expert kernels, training, expert pruning and early-exit / contrastive decoding"
+    ),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # kernels/ and training/ live at the top of the repo but install under the package:
+    # a top-level `kernels` module would shadow the `kernels` package transformers looks for.
+    packages=[
+        "moduleformer_exit",
+        "moduleformer_exit.kernels",
+        "moduleformer_exit.training",
+        "moduleformer_exit.benchmarks",
+        "moduleformer_exit.configs",
+    ],
+    package_dir={
+        "moduleformer_exit": "moduleformer_exit",
+        "moduleformer_exit.kernels": "kernels",
+        "moduleformer_exit.training": "training",
+        "moduleformer_exit.benchmarks": "moduleformer_exit/benchmarks",
+        "moduleformer_exit.configs": "configs",
+    },
+    package_data={"moduleformer_exit.configs": ["*.json", "**/*.json", "**/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5,<6",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+        "rich",
+    ],
+    extras_require={
+        "train": ["deepspeed>=0.15", "datasets>=3", "accelerate>=1.0", "tokenizers>=0.20", "matplotlib", "tensorboard"],
+        "gpu": ["triton>=3.6"],
+        "test": ["pytest>=8", "numpy"],
+    },
+    entry_points={"console_scripts": ["moduleformer-exit=moduleformer_exit.cli:main"]},
+)

@@ -1,0 +1,53 @@
+"""Shared test set-up: offline Hugging Face, fixed threads and seeds, tiny ModuleFormer configs."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# The repo root holds `kernels/` and `training/`, which install as moduleformer_exit.kernels / .training. If the root is
+# on sys.path (e.g. `python -m pytest`), a top-level `kernels` would be found by transformers' hub-kernels probe: drop it.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO_ROOT]
+
+# Never touch the hub; keep caches out of $HOME. Set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "moduleformer-exit-test-hf"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def tiny_config_kwargs(**overrides):
+    """Keyword arguments of a tiny ModuleFormer (fast on CPU, every code path exercised)."""
+    kwargs = dict(
+        vocab_size=97, n_embd=32, n_layer=2, n_head=2, att_hidden=16, ffd_hidden=24,
+        n_att_experts=4, k_att=2, n_mlp_experts=6, k_mlp=2, gating_size=8,
+        history_length=8, block_size=8, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: ``tiny_config(**overrides)`` -> ModuleFormerConfig."""
+    from moduleformer_exit import ModuleFormerConfig
+
+    return lambda **overrides: ModuleFormerConfig(**tiny_config_kwargs(**overrides))
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    """Factory: ``tiny_model(seed=0, **overrides)`` -> ModuleFormerForCausalLM in eval mode, fp32."""
+    from moduleformer_exit import ModuleFormerForCausalLM
+
+    def make(seed=0, **overrides):
+        torch.manual_seed(seed)
+        return ModuleFormerForCausalLM(tiny_config(**overrides)).eval()
+
+    return make

@@ -1,0 +1,1 @@
+"""Training (DeepSpeed pretraining, fine-tuning, exit-head training): arrives with the training issue."""
