@@ -44,7 +44,7 @@ setup(
     extras_require={
         "train": ["deepspeed>=0.15", "datasets>=3", "accelerate>=1.0", "tokenizers>=0.20", "matplotlib", "tensorboard"],
         "gpu": ["triton>=3.6"],
-        "test": ["pytest>=8", "numpy"],
+        "test": ["pytest>=8", "numpy", "triton>=3.6"],
     },
     entry_points={"console_scripts": ["moduleformer-exit=moduleformer_exit.cli:main"]},
 )
