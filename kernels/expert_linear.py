@@ -8,9 +8,10 @@ applied as ``x_row @ weight[e]``):
 - MoA query map: ``expert_linear(x, W_q, plan, fan_out=k)``  -> ``[N*k, att_hidden]`` (token-major)
 - MoA reduce:    ``expert_linear(o.reshape(N*k, h), W_o, plan, fan_out=1, gates=gates)``  -> ``[N, D]``
 
-Backends (chosen in :func:`_select_backend`, the single dispatch point): ``"torch"`` (index gather +
-``F.grouped_mm`` + ``index_add_``, with a hand-written backward) and ``"auto"`` (= ``"torch"`` until the Triton
-scatter-to-scatter kernels land; ``"triton"`` is reserved and raises ``NotImplementedError`` for now).
+Backends (chosen in :func:`_select_backend`, the single dispatch point, via :func:`kernels.backend.resolve_backend`):
+``"torch"`` (index gather + ``F.grouped_mm`` + ``index_add_``, with a hand-written backward), ``"triton"``
+(scatter-to-scatter Triton kernels, :mod:`kernels.triton_expert_linear`; on CPU only under ``TRITON_INTERPRET=1``),
+``"megablocks"`` (GPU-only, optional: MegaBlocks' ``grouped_gemm``), ``"auto"`` (triton on CUDA, torch otherwise).
 """
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backend import BACKENDS, resolve_backend
 from .routing import RoutingPlan
 
 __all__ = ["expert_linear", "BACKENDS"]
-
-BACKENDS = ("auto", "torch", "triton")
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -54,7 +54,7 @@ def expert_linear(
     :param grouped_out: return ``[P, out]`` in expert-sorted order instead of token-major order.
     :param gates: optional ``[N, k]`` gate weights. If given, returns ``[N, out]`` with
         ``y[t] = sum_j gates[t, j] * y_{t*k+j}`` and ``grouped_out`` is ignored.
-    :param backend: ``"auto"`` | ``"torch"`` (``"triton"`` is reserved, not available yet).
+    :param backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"megablocks"`` (see :mod:`kernels.backend`).
     :returns: ``[N, out]`` with gates; else ``[P, out]`` (expert-sorted if ``grouped_out``, else token-major).
 
     Differentiable in ``x``, ``weight`` and ``gates``. No host sync on the grouped-GEMM path; dtypes/layouts that
@@ -77,17 +77,27 @@ def expert_linear(
             )
     if gates is not None and tuple(gates.shape) != (plan.num_tokens, k):
         raise ValueError(f"gates must be [N={plan.num_tokens}, k={k}], got {tuple(gates.shape)}")
-    impl = _select_backend(backend)
+    impl = _select_backend(backend, x, weight)
     return impl(x, weight, plan, fan_out, grouped_in, grouped_out, gates)
 
 
-def _select_backend(backend: str):
-    """The one place that maps a backend name to an implementation (the Triton path plugs in here)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown expert_linear backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
-    if backend == "triton":
-        raise NotImplementedError("expert_linear backend 'triton' is not available yet; use 'torch' or 'auto'")
+def _select_backend(backend: str, *tensors: Tensor):
+    """The one place that maps a backend name (resolved for the operands' device) to an implementation."""
+    name = resolve_backend(backend, *tensors)
+    if name == "triton":
+        return _expert_linear_triton
+    if name == "megablocks":
+        from .megablocks_backend import megablocks_expert_linear
+
+        return megablocks_expert_linear
     return _expert_linear_torch
+
+
+def _expert_linear_triton(x, weight, plan, fan_out, grouped_in, grouped_out, gates):
+    from .triton_expert_linear import triton_expert_linear
+
+    return triton_expert_linear(x, weight, plan, fan_out=fan_out, grouped_in=grouped_in, grouped_out=grouped_out,
+                                gates=gates)
 
 
 # ---------------------------------------------------------------------------------------------------------------

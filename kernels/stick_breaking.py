@@ -52,6 +52,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .backend import resolve_backend
+
 __all__ = ["stick_breaking_attention"]
 
 _LN2 = math.log(2.0)
@@ -60,8 +62,8 @@ _L_CLAMP = 100.0  # |log2-logit| bound: 2**100 is finite, and z is exactly 0/1 i
 _LOGA_MIN = -125.0  # 2**-125 is a normal fp32; below that exp2 hits the slow denormal path
 _CHUNK_ELEMS = 1 << 17  # target elements of one [B*H, rows, keys] chunk for short row blocks (decode)
 _DEFAULT_KEY_BLOCK = 128
-_SKIP_MARGIN = 1.0
-_DIRECT_MAX_T = 4  # query positions up to which the un-blocked decode path is used  # slack (log2 units) on the underflow bound, covers fp32 rounding of the bound itself
+_SKIP_MARGIN = 1.0  # slack (log2 units) on the underflow bound, covers fp32 rounding of the bound itself
+_DIRECT_MAX_T = 4  # query positions up to which the un-blocked decode path is used
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -330,7 +332,8 @@ class _StickBreakingFn(torch.autograd.Function):
 
 def stick_breaking_attention(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor] = None, *,
                              scale: Optional[float] = None, block_size: int = 64,
-                             key_block_size: Optional[int] = None, skip_underflow: Optional[bool] = None) -> Tensor:
+                             key_block_size: Optional[int] = None, skip_underflow: Optional[bool] = None,
+                             backend: str = "auto") -> Tensor:
     """ModuleFormer stick-breaking attention (diagonal included, no remainder), O(T*S) time and memory.
 
     Args:
@@ -346,6 +349,11 @@ def stick_breaking_attention(q: Tensor, k: Tensor, v: Tensor, attention_mask: Op
         skip_underflow: stop a row block's walk back once every remaining weight provably underflows fp32
             (every stick is used up); exact at fp32 resolution, but one host sync per key chunk. Default: on
             for CPU tensors, off elsewhere. False forces the full causal walk (worst-case timing).
+        backend: ``"auto"`` (Triton kernels on CUDA tensors when triton imports, else torch), ``"torch"`` (this
+            module's blocked path), ``"triton"`` (:mod:`kernels.triton_stick_breaking`; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``) or ``"megablocks"`` (an MLP-only backend: attention treats it as ``"auto"``).
+            Resolved by :func:`kernels.backend.resolve_backend`. ``block_size``, ``key_block_size`` and
+            ``skip_underflow`` apply to the torch path only (the Triton kernels use their own tile sizes).
 
     Returns:
         [B, T, K, H, D] in q's dtype (computed in fp32, fp64 for fp64 inputs). Differentiable w.r.t. q, k, v
@@ -364,6 +372,12 @@ def stick_breaking_attention(q: Tensor, k: Tensor, v: Tensor, attention_mask: Op
         raise ValueError("block sizes must be positive")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
+    # Dispatch before the mask's keep.all() host sync. "megablocks" only replaces the MLP expert GEMMs: for
+    # attention it means the same as "auto".
+    if resolve_backend("auto" if backend == "megablocks" else backend, q, k, v) == "triton":
+        from .triton_stick_breaking import triton_stick_breaking_attention
+
+        return triton_stick_breaking_attention(q, k, v, attention_mask, scale=float(scale))
     keep = None
     if attention_mask is not None:
         if attention_mask.shape != (B, S):

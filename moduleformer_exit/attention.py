@@ -100,7 +100,7 @@ class ModuleFormerAttention(nn.Module):
         q = q.view(bsz, length, self.top_k, self.n_head, self.head_size)  # (B, T, k, nh, hs)
         k = k.view(bsz, context, self.n_head, self.head_size)  # (B, S, nh, hs)
         v = v.view(bsz, context, self.n_head, self.head_size)
-        y = stick_breaking_attention(q, k, v, attention_mask)  # (B, T, k, nh, hs)
+        y = stick_breaking_attention(q, k, v, attention_mask, backend=self.kernel_backend)  # (B, T, k, nh, hs)
         weights = stick_breaking_weights(q, k, attention_mask) if output_attentions else None
         y = y.reshape(bsz, length, self.top_k, self.att_hidden).to(hidden_states.dtype)
         out = self.q_proj.reduce(y, routing, plan)

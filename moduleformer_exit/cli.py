@@ -40,20 +40,26 @@ def run_bench(args: argparse.Namespace) -> int:
         from .benchmarks.moe import bench_moe_mlp
 
         shapes = ((256, 64, 64, 8, 2),) if args.quick else ((4096, 1024, 1024, 32, 2), (4096, 1024, 256, 64, 4))
-        results["moe"] = bench_moe_mlp(shapes=shapes, threads=args.threads, **({"repeats": 2} if args.quick else {}))
-        _table("MoE MLP layer vs dense GEMM pair of equal active FLOPs (efficiency = dense / MoE)",
+        results["moe"] = bench_moe_mlp(shapes=shapes, threads=args.threads, naive=True,
+                                       **({"repeats": 2} if args.quick else {}))
+        _table("MoE MLP layer vs dense GEMM pair of equal active FLOPs (efficiency = dense / MoE; naive = IBM-style "
+               "Python loop over experts)",
                [("N", "d"), ("d", "d"), ("h", "d"), ("E", "d"), ("k", "d"), ("fwd_moe_ms", ".1f"),
                 ("fwd_dense_ms", ".1f"), ("fwd_eff", ".2f"), ("fwdbwd_moe_ms", ".1f"), ("fwdbwd_dense_ms", ".1f"),
-                ("fwdbwd_eff", ".2f")], results["moe"])
+                ("fwdbwd_eff", ".2f"), ("naive_fwd_ms", ".1f"), ("naive_fwdbwd_ms", ".1f")], results["moe"])
     if "attention" in sections:
         from .benchmarks.attention import bench_stick_breaking
 
         seq_lens = (64, 128) if args.quick else (512, 1024, 2048)
-        results["attention"] = bench_stick_breaking(seq_lens=seq_lens, threads=args.threads,
-                                                    **({"repeats": 2} if args.quick else {}))
-        _table("Stick-breaking attention fwd vs SDPA(is_causal) (B=1, 16 query heads, head_dim 64)",
-               [("T", "d"), ("sb_ms", ".1f"), ("sdpa_ms", ".1f"), ("ratio", ".2f"), ("sb_peak_mb", ".1f"),
-                ("sdpa_peak_mb", ".1f")], results["attention"])
+        rows = []
+        for skip, setting in ((True, "underflow skip (default)"), (False, "full walk (worst case)")):
+            for row in bench_stick_breaking(seq_lens=seq_lens, threads=args.threads, skip_underflow=skip,
+                                            **({"repeats": 2} if args.quick else {})):
+                rows.append({"setting": setting, **row})
+        results["attention"] = rows
+        _table("Stick-breaking attention fwd vs SDPA(is_causal) (B=1, 16 query heads, head_dim 64, N(0,1) inputs)",
+               [("setting", ""), ("T", "d"), ("sb_ms", ".1f"), ("sdpa_ms", ".1f"), ("ratio", ".2f"),
+                ("sb_peak_mb", ".1f"), ("sdpa_peak_mb", ".1f")], results["attention"])
     if "decode" in sections:
         from .benchmarks.decode import bench_decode
 
@@ -82,6 +88,8 @@ def run_bench(args: argparse.Namespace) -> int:
         _table("ACD greedy decode vs plain greedy, same model (batch 1; overhead = time / plain - 1)",
                [("mode", ""), ("batch", "d"), ("new_tokens", "d"), ("seconds", ".2f"), ("tokens_per_s", ".1f"),
                 ("overhead", "+.1%")], results["acd"])
+    if args.device == "cuda":
+        run_cuda_bench(args, results)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
@@ -137,6 +145,28 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_cuda_bench(args: argparse.Namespace, results: dict) -> None:
+    """GPU kernel rows (``--device cuda``): Triton routed experts, Triton stick-breaking vs SDPA, a training step."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU (none is visible to torch)")
+    from .benchmarks.attention_cuda import bench_stick_breaking_cuda
+    from .benchmarks.kernels_cuda import TABLE_COLUMNS, bench_expert_kernels_cuda
+    from .benchmarks.model_cuda import bench_training_step_cuda
+
+    results["cuda_experts"] = bench_expert_kernels_cuda()
+    _table("GPU routed expert MLP vs dense GEMM pair of equal active FLOPs (bf16; eff = dense / path)", TABLE_COLUMNS,
+           results["cuda_experts"])
+    results["cuda_attention"] = bench_stick_breaking_cuda()
+    _table("GPU stick-breaking (Triton) vs SDPA(is_causal), bf16, head_dim 64",
+           [("T", "d"), ("B", "d"), ("sb_fwd_ms", ".3f"), ("sdpa_fwd_ms", ".3f"), ("ratio_fwd", ".2f"),
+            ("sb_fwdbwd_ms", ".3f"), ("sdpa_fwdbwd_ms", ".3f"), ("ratio_fwdbwd", ".2f"), ("sb_fwdbwd_peak_mb", ".0f"),
+            ("sdpa_fwdbwd_peak_mb", ".0f")], results["cuda_attention"])
+    results["cuda_training"] = [row for backend in ("triton", "torch") for row in bench_training_step_cuda(backend=backend)]
+    _table("GPU training step, ~350M-active ModuleFormer (bf16, fused AdamW)",
+           [("backend", ""), ("batch", "d"), ("seq_len", "d"), ("step_ms", ".1f"), ("tokens_per_s", ",.0f"),
+            ("tflops", ".1f"), ("mfu", ".1%"), ("host_syncs", "d")], results["cuda_training"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``moduleformer-exit`` argument parser."""
     parser = argparse.ArgumentParser(prog="moduleformer-exit", description=__doc__)
@@ -146,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the command runs, not speed")
     bench.add_argument("--json", help="also write the rows to this JSON file")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="cuda: also run the GPU kernel rows (Triton experts, stick-breaking, training step)")
     bench.set_defaults(func=run_bench)
     gen = sub.add_parser("generate", help="generate text (original head, one exit with --exit, or ACD with --contrast)")
     gen.add_argument("prompt")

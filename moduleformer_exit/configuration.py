@@ -8,7 +8,7 @@ from transformers.activations import ACT2FN
 
 GATE_TYPES = ("mlp", "linear", "gmm")
 AUX_LOSS_TYPES = ("mi", "switch")
-KERNEL_BACKENDS = ("auto", "torch")
+KERNEL_BACKENDS = ("auto", "torch", "triton", "megablocks")
 
 
 class ModuleFormerConfig(PretrainedConfig):
@@ -25,9 +25,13 @@ class ModuleFormerConfig(PretrainedConfig):
     no position embeddings and the KV cache is never truncated). ``attn_pdrop`` and ``layer_norm_epsilon`` are stored
     but, as in the original, unused (LayerNorms use torch's default eps, which equals the default 1e-5).
 
-    Added here (not in IBM's config): ``kernel_backend`` (``auto`` or ``torch``) selects the expert / attention kernel
-    implementation. The HF aliases ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
-    ``intermediate_size``, ``num_experts`` / ``num_experts_per_tok`` (MLP experts) read and write the fields above.
+    Added here (not in IBM's config): ``kernel_backend`` selects the expert / attention kernel implementation
+    (resolved per call by ``kernels.backend.resolve_backend``): ``auto`` (Triton on CUDA tensors when triton imports,
+    else torch), ``torch`` (pure PyTorch, any device), ``triton`` (Triton kernels; on CPU only under
+    ``TRITON_INTERPRET=1``), ``megablocks`` (GPU-only MegaBlocks grouped GEMM for the MLP experts; needs
+    ``pip install megablocks`` on a CUDA machine; attention falls back to ``auto``). The HF aliases ``hidden_size``,
+    ``num_hidden_layers``, ``num_attention_heads``, ``intermediate_size``, ``num_experts`` / ``num_experts_per_tok``
+    (MLP experts) read and write the fields above.
     """
 
     model_type = "moduleformer"

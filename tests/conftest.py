@@ -23,7 +23,9 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(2)
+# One intra-op thread: tiny tensors gain nothing from more, and idle OpenMP workers spinning on a shared 2-core
+# machine slow every small op down by an order of magnitude.
+torch.set_num_threads(1)
 
 
 def tiny_config_kwargs(**overrides):

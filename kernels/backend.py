@@ -1,0 +1,98 @@
+"""Kernel backend resolution, shared by the expert linear and stick-breaking attention dispatchers.
+
+One function, :func:`resolve_backend`, turns a user-facing backend name (``ModuleFormerConfig.kernel_backend``)
+into the concrete backend to run for a given set of tensors:
+
+- ``"auto"``: ``"triton"`` when triton imports and the tensors are on CUDA, else ``"torch"``.
+- ``"torch"``: pure PyTorch (any device, any dtype).
+- ``"triton"``: the Triton kernels. On CUDA tensors this needs triton; on CPU tensors it is allowed only under the
+  Triton interpreter (``TRITON_INTERPRET=1``, used by the tests), since compiled Triton kernels cannot run on CPU.
+- ``"megablocks"``: optional, GPU-only grouped GEMM from MegaBlocks' ``grouped_gemm`` dependency for the MLP experts
+  (see :mod:`kernels.megablocks_backend`). Callers that have no MegaBlocks path (attention) treat it as ``"auto"``.
+
+Nothing here imports triton or megablocks at module import time.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "resolve_backend", "triton_available", "triton_interpret", "megablocks_available"]
+
+BACKENDS = ("auto", "torch", "triton", "megablocks")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether ``import triton`` succeeds (cached)."""
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception:  # ImportError, or a broken install raising at import
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    """Whether the Triton interpreter is requested (``TRITON_INTERPRET=1``); read live, not cached."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def megablocks_available() -> bool:
+    """Whether MegaBlocks' grouped GEMM (``grouped_gemm.ops.gmm``) imports (cached)."""
+    try:
+        importlib.import_module("grouped_gemm.ops")
+    except Exception:
+        return False
+    return True
+
+
+def _device_type(tensors) -> str:
+    """'cuda' if any given tensor is on CUDA, else the first tensor's device type ('cpu' if none)."""
+    types = [t.device.type for t in tensors if isinstance(t, torch.Tensor)]
+    if "cuda" in types:
+        return "cuda"
+    return types[0] if types else "cpu"
+
+
+def resolve_backend(name: str, *tensors: torch.Tensor) -> str:
+    """Resolve a backend name for the given tensors to ``"torch"``, ``"triton"`` or ``"megablocks"``.
+
+    :param name: one of :data:`BACKENDS` (``"auto"``, ``"torch"``, ``"triton"``, ``"megablocks"``).
+    :param tensors: the operands of the call (only their devices are inspected; ``None`` entries are skipped).
+    :returns: the concrete backend; never ``"auto"``.
+    :raises ValueError: unknown name (the message lists the choices).
+    :raises RuntimeError: ``"triton"`` without triton, or on CPU tensors without ``TRITON_INTERPRET=1``;
+        ``"megablocks"`` without MegaBlocks' ``grouped_gemm`` installed, or on non-CUDA tensors.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; valid choices: {', '.join(BACKENDS)}")
+    device = _device_type(tensors)
+    if name == "torch":
+        return "torch"
+    if name == "auto":
+        return "triton" if device == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("kernel backend 'triton' requested but triton is not importable (pip install triton)")
+        if device != "cuda" and not triton_interpret():
+            raise RuntimeError(
+                f"kernel backend 'triton' needs CUDA tensors (got {device}); on CPU it runs only under the Triton "
+                "interpreter: set TRITON_INTERPRET=1 before triton kernels are first imported (tests only, slow), "
+                "or use kernel_backend='torch' / 'auto'"
+            )
+        return "triton"
+    # megablocks
+    if not megablocks_available():
+        raise RuntimeError(
+            "kernel backend 'megablocks' requested but MegaBlocks' grouped GEMM is not importable. It is GPU-only "
+            "and cannot be installed on CPU machines; on a CUDA machine run `pip install megablocks` (or just "
+            "`pip install grouped_gemm`), or use kernel_backend='triton' / 'torch' / 'auto'"
+        )
+    if device != "cuda":
+        raise RuntimeError(f"kernel backend 'megablocks' needs CUDA tensors (got {device})")
+    return "megablocks"

@@ -1,0 +1,134 @@
+"""Exit-head training on a frozen base (ModuleFormer, GPT-2 or GPT-Neo) with per-exit held-out perplexity before and
+after.
+
+The base is loaded through ``AutoMultiExitModel`` with ``MultiExitConfiguration(lm_head_layer_indices=...,
+freeze_parameters=True)``: only ``name_to_lm_exit_head.lm_head_<k>`` train (loss: the sum of the exits' shifted CEs).
+New heads start as a copy of the model's ``lm_head`` (``init="lm_head"``, so "before" is the logit-lens perplexity)
+or randomly (``init="random"``). The result saves with ``save_pretrained`` + tokenizer and reloads with
+``AutoMultiExitModel.from_pretrained(out_dir)``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from .data import BlockOrder, build_lm_data
+
+
+@torch.no_grad()
+def exit_perplexities(model, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
+    """Held-out perplexity of every exit (``exit<k>``) and of the model's own head (``final``)."""
+    from moduleformer_exit.exits import _shifted_ce
+
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for i in range(0, blocks.shape[0], batch_size):
+        x = blocks[i:i + batch_size]
+        hidden = model.backbone(x, output_hidden_states=True, use_cache=False).hidden_states
+        names = [("final", "original")] + [(f"exit{k}", k) for k in model.exit_layers]
+        for name, layer in names:
+            sums[name] = sums.get(name, 0.0) + float(_shifted_ce(model.exit_logits(hidden, layer), x)) * x.shape[0]
+        n += x.shape[0]
+    model.train(was_training)
+    return {k: math.exp(v / n) for k, v in sums.items()}
+
+
+def load_exit_model(base: str, layers: Sequence[int], init: str = "lm_head"):
+    """The base with new frozen-backbone exit heads at ``layers``."""
+    import moduleformer_exit  # noqa: F401  (registers ModuleFormer)
+    from moduleformer_exit import AutoMultiExitModel, MultiExitConfiguration
+
+    if init not in ("lm_head", "random"):
+        raise ValueError(f"init must be 'lm_head' or 'random', got {init!r}.")
+    cfg = MultiExitConfiguration(lm_head_layer_indices=tuple(layers), freeze_parameters=True)
+    model = AutoMultiExitModel.from_pretrained(base, multi_exit_config=cfg)
+    if init == "lm_head":
+        with torch.no_grad():
+            for k in model.exit_layers:
+                model.name_to_lm_exit_head[f"lm_head_{k}"].weight.copy_(model.lm_head.weight)
+    model.apply_freeze()
+    return model
+
+
+def train_exits(base: str, layers: Sequence[int], data_files: Sequence[str] | str, output_dir: Optional[str] = None,
+                *, steps: int = 200, lr: float = 1e-3, batch_size: int = 8, block_size: int = 128,
+                heldout_fraction: float = 0.05, max_heldout_blocks: int = 64, seed: int = 0,
+                init: str = "lm_head", data_format: str = "text", sample_by: str = "paragraph",
+                log_every: int = 0) -> dict:
+    """Train exit heads on a frozen base; returns ``{"before": {...}, "after": {...}, "seconds": s}``."""
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    torch.manual_seed(seed)
+    model = load_exit_model(base, layers, init)
+    data = build_lm_data(data_files, block_size, tokenizer=base, data_format=data_format, sample_by=sample_by,
+                         heldout_fraction=heldout_fraction, seed=seed, max_heldout_blocks=max_heldout_blocks)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = exit_perplexities(model, data.heldout)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("No trainable exit heads: check lm_head_layer_indices.")
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    order = BlockOrder(data.train.shape[0], seed)
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        x = data.train[order.indices(step * batch_size, batch_size)]
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log_every and (step + 1) % log_every == 0:
+            print(f"step {step + 1}/{steps}: exit loss {loss.item():.3f}")
+    seconds = time.time() - t0
+    after = exit_perplexities(model, data.heldout)
+    for n, p in model.named_parameters():  # the base really stayed frozen
+        if n in frozen_before and not torch.equal(frozen_before[n], p):
+            raise RuntimeError(f"Frozen parameter {n} changed during exit training.")
+    if output_dir:
+        model.save_pretrained(output_dir)
+        data.tokenizer.save_pretrained(output_dir)
+    return {"before": before, "after": after, "seconds": seconds, "output_dir": output_dir}
+
+
+def format_report(result: dict) -> str:
+    lines = [f"{'head':>8} {'ppl before':>12} {'ppl after':>12}"]
+    for k in result["before"]:
+        lines.append(f"{k:>8} {result['before'][k]:12.2f} {result['after'][k]:12.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="moduleformer-exit train-exits", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="base checkpoint directory (ModuleFormer, GPT-2 or GPT-Neo) with "
+                                                  "its tokenizer")
+    p.add_argument("--layers", required=True, help="comma-separated exit layers, e.g. 2,4")
+    p.add_argument("--data", nargs="+", default=["bundled:austen"], help="text/json/parquet files or bundled:austen")
+    p.add_argument("--format", default="text", choices=("text", "json", "parquet"))
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--init", default="lm_head", choices=("lm_head", "random"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    layers = [int(k) for k in args.layers.split(",") if k.strip()]
+    result = train_exits(args.model, layers, args.data, args.output_dir, steps=args.steps, lr=args.lr,
+                         batch_size=args.batch_size, block_size=args.block_size, init=args.init, seed=args.seed,
+                         data_format=args.format, log_every=max(1, args.steps // 10))
+    print(format_report(result))
+    print(json.dumps({k: result[k] for k in ("before", "after", "output_dir")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
