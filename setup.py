@@ -24,6 +24,7 @@ setup(
         "moduleformer_exit.training",
         "moduleformer_exit.benchmarks",
         "moduleformer_exit.configs",
+        "moduleformer_exit.data",
     ],
     package_dir={
         "moduleformer_exit": "moduleformer_exit",
@@ -32,7 +33,10 @@ setup(
         "moduleformer_exit.benchmarks": "moduleformer_exit/benchmarks",
         "moduleformer_exit.configs": "configs",
     },
-    package_data={"moduleformer_exit.configs": ["*.json", "**/*.json", "**/*.yaml"]},
+    package_data={
+        "moduleformer_exit.configs": ["*.json", "**/*.json", "**/*.yaml", "recipes/*.json"],
+        "moduleformer_exit.data": ["austen/*.txt", "austen/*.md"],
+    },
     install_requires=[
         "torch>=2.4",
         "transformers>=5,<6",
@@ -42,7 +46,8 @@ setup(
         "rich",
     ],
     extras_require={
-        "train": ["deepspeed>=0.15", "datasets>=3", "accelerate>=1.0", "tokenizers>=0.20", "matplotlib", "tensorboard"],
+        "train": ["deepspeed>=0.15", "datasets>=3", "accelerate>=1.0", "tokenizers>=0.20", "matplotlib", "tensorboard",
+                  "peft>=0.13"],
         "gpu": ["triton>=3.6"],
         "test": ["pytest>=8", "numpy", "triton>=3.6"],
     },

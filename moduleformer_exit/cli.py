@@ -1,5 +1,5 @@
 """``moduleformer-exit`` command line: ``bench`` (benchmark tables) and ``generate`` (streamed generation with the
-original head, one exit, or ACD); training commands (``quickstart``, ``pretrain``, ...) arrive with their issue."""
+original head, one exit, or ACD); training: ``quickstart``, ``pretrain``, ``finetune``, ``train-exits``."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-BENCH_SECTIONS = ("moe", "attention", "decode", "acd")
+BENCH_SECTIONS = ("moe", "attention", "decode", "acd", "training")
 
 
 def _table(title: str, columns: Sequence[tuple[str, str]], rows: list[dict]) -> None:
@@ -88,6 +88,16 @@ def run_bench(args: argparse.Namespace) -> int:
         _table("ACD greedy decode vs plain greedy, same model (batch 1; overhead = time / plain - 1)",
                [("mode", ""), ("batch", "d"), ("new_tokens", "d"), ("seconds", ".2f"), ("tokens_per_s", ".1f"),
                 ("overhead", "+.1%")], results["acd"])
+    if "training" in sections:
+        try:
+            from .benchmarks.training import bench_training
+        except ImportError as error:  # the train extra is optional
+            raise SystemExit(f"bench training needs the train extra (pip install -e '.[train]'): {error}")
+        results["training"] = (bench_training(stages=(0,), steps=2, warmup=1, batch_size=4, seq_len=32)
+                               if args.quick else bench_training(threads=args.threads))
+        _table("Training step: DeepSpeed ZeRO stages vs a plain PyTorch loop, same model and batch (1 process)",
+               [("mode", ""), ("stage", ""), ("step_ms", ".1f"), ("tokens_per_s", ",.0f"), ("overhead_pct", "+.1f"),
+                ("peak_rss_mb", ".0f"), ("peak_delta_mb", ".0f")], results["training"])
     if args.device == "cuda":
         run_cuda_bench(args, results)
     if args.json:
@@ -193,13 +203,45 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-beams", type=int, default=1)
     gen.add_argument("--seed", type=int)
     gen.set_defaults(func=run_generate)
-    quick = sub.add_parser("quickstart", help="train a small ModuleFormer on the bundled corpus (coming)")
-    quick.set_defaults(func=lambda _: print("quickstart: coming with the training issue") or 0)
+    # Training commands forward their arguments to moduleformer_exit.training.<module>.main (their own --help).
+    for name, module, text in TRAINING_COMMANDS:
+        cmd = sub.add_parser(name, help=text, add_help=False)
+        cmd.add_argument("args", nargs=argparse.REMAINDER)
+        cmd.set_defaults(func=_training_command(module))
     return parser
+
+
+TRAINING_COMMANDS = (
+    ("quickstart", "quickstart",
+     "offline: train a tokenizer and a small ModuleFormer with exits on the bundled corpus (DeepSpeed), print "
+     "perplexities, generate with and without ACD, save a loss curve"),
+    ("pretrain", "pretrain", "DeepSpeed pretraining from a recipe (configs/recipes/*.json or a path)"),
+    ("finetune", "finetune", "fine-tune a checkpoint with the HF Trainer (causal LM or classification; DeepSpeed, "
+                             "LoRA optional)"),
+    ("train-exits", "exits", "train exit heads on a frozen base; per-exit perplexity before and after"),
+)
+
+
+def _training_command(module: str):
+    """``func`` of a training subcommand: imports ``moduleformer_exit.training.<module>`` lazily (it needs the
+    ``train`` extra) and calls its ``main`` with the remaining arguments."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        try:
+            mod = importlib.import_module(f"moduleformer_exit.training.{module}")
+        except ImportError as e:
+            raise SystemExit(f"{e}\nThe training commands need the train extra: pip install -e \".[train]\"")
+        return mod.main(args.args)
+    return run
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``moduleformer-exit`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for name, module, _ in TRAINING_COMMANDS:  # forwarded whole (argparse.REMAINDER drops leading options)
+        if argv and argv[0] == name:
+            return _training_command(module)(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -108,21 +108,25 @@ def finetune(model_dir: str, data_files: Sequence[str] | str, output_dir: str, *
         use_cpu=not torch.cuda.is_available(), deepspeed=ds_config, lr_scheduler_type="cosine",
         warmup_steps=max(0, max_steps // 10), disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator)
-    before = trainer.evaluate()
+    # Evaluating before training would make the Trainer build a ZeRO *inference* engine (stage 3 only): skip it
+    # under DeepSpeed.
+    before = None if ds_config is not None else trainer.evaluate()
     trainer.train()
     metrics = trainer.evaluate()
-    metrics["eval_loss_before"] = before["eval_loss"]
+    if before is not None:
+        metrics["eval_loss_before"] = before["eval_loss"]
     if task == "causal-lm":
-        metrics["perplexity_before"] = math.exp(before["eval_loss"])
+        if before is not None:
+            metrics["perplexity_before"] = math.exp(before["eval_loss"])
         metrics["perplexity"] = math.exp(metrics["eval_loss"])
+    if not lora:
+        trainer.save_model(output_dir)  # every rank: gathers ZeRO-3 partitions (stage3_gather_16bit_weights_...)
+    elif trainer.is_world_process_zero():  # LoRA: merged weights (default) or the adapter alone
+        if merge_lora:
+            trainer.model.merge_and_unload().save_pretrained(output_dir)
+        else:
+            trainer.model.save_pretrained(os.path.join(output_dir, "adapter"))
     if trainer.is_world_process_zero():
-        final = trainer.model
-        if lora and merge_lora:
-            final = final.merge_and_unload()
-        elif lora:
-            final.save_pretrained(os.path.join(output_dir, "adapter"))
-        if not lora or merge_lora:
-            final.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "finetune_metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)

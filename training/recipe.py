@@ -12,7 +12,7 @@ A recipe has five sections; every key is optional except ``model`` (defaults bel
      "training":  {"max_steps": 200, "lr": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 20, "weight_decay": 0.1,
                    "betas": [0.9, 0.95], "eps": 1e-8, "optimizer": "client" | "config", "seed": 0,
                    "log_interval": 10, "eval_interval": 100, "save_interval": 100, "keep_checkpoints": 2,
-                   "eval_batch_size": 16},
+                   "eval_batch_size": 16, "flush_denormal": true},
      "deepspeed": {DeepSpeed config: "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                    "gradient_clipping", "zero_optimization": {"stage": 0-3}, "bf16": {"enabled": bool}}}
 """
@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
              "vocab_size": 2048, "max_train_blocks": None, "max_heldout_blocks": 64, "num_proc": None},
     "training": {"max_steps": 200, "lr": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 20, "weight_decay": 0.1,
                  "betas": [0.9, 0.95], "eps": 1e-8, "optimizer": "client", "seed": 0, "log_interval": 10,
-                 "eval_interval": 100, "save_interval": 100, "keep_checkpoints": 2, "eval_batch_size": 16},
+                 "eval_interval": 100, "save_interval": 100, "keep_checkpoints": 2, "eval_batch_size": 16, "flush_denormal": True},
     "deepspeed": {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
                   "zero_optimization": {"stage": 0}, "bf16": {"enabled": False}},
 }
@@ -165,6 +165,8 @@ def validate_recipe(recipe: dict) -> None:
          f"training.optimizer must be 'client' (torch AdamW passed to DeepSpeed) or 'config' (DeepSpeed's AdamW "
          f"with torch_adam), got {t['optimizer']!r}")
     need(_is_int(t["seed"]), f"training.seed must be an integer, got {t['seed']!r}")
+    need(isinstance(t["flush_denormal"], bool), f"training.flush_denormal must be true or false, got "
+                                                 f"{t['flush_denormal']!r}")
 
     need(isinstance(d["files"], (list, str)) and len(d["files"]) > 0, "data.files must be a non-empty list of paths")
     if isinstance(d["files"], (list, str)):
