@@ -161,6 +161,8 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    from .pretrain import shutdown_distributed
+
     args = build_parser().parse_args(argv)
     lora = None
     if args.lora_r:
@@ -174,6 +176,7 @@ def main(argv=None) -> int:
                        block_size=args.block_size, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                        gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed,
                        deepspeed=args.deepspeed, lora=lora, merge_lora=not args.no_merge_lora)
+    shutdown_distributed()
     print(json.dumps(metrics))
     return 0
 

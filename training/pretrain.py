@@ -52,6 +52,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def shutdown_distributed() -> None:
+    """Barrier, then tear the process group down: a rank that exits while others still write (rank 0 saving the
+    tokenizer, say) would otherwise abort in gloo's background threads ("terminate called without an active
+    exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def ensure_dist_env() -> None:
     """Default RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for a single process without a launcher."""
     if "RANK" not in os.environ:
@@ -201,18 +212,25 @@ def _fault(kind: str, step: int) -> None:
 
 
 def rng_state() -> dict:
+    """Every RNG the run draws from, as tensors and plain Python values (loadable with ``weights_only=True``)."""
     import numpy as np
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
     import numpy as np
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -397,7 +415,7 @@ def train(recipe: dict, out_dir: str, resume: bool = True, progress: bool = True
         step, position = client["step"], client["position"]
         rng_path = os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt")
         if os.path.isfile(rng_path):
-            set_rng_state(torch.load(rng_path, weights_only=False))
+            set_rng_state(torch.load(rng_path, weights_only=True))
     else:
         torch.manual_seed(t["seed"] + 1000 * rank)
         random.seed(t["seed"] + rank)
@@ -492,6 +510,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     out_dir = args.output_dir or os.path.join("runs", recipe["name"])
     summary = train(recipe, out_dir, resume=not args.no_resume, progress=not args.no_progress)
+    shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"final_dir": summary["final_dir"], "step": summary["step"], "heldout": summary["heldout"],
                           "unigram_ppl": summary["unigram_ppl"]}))
