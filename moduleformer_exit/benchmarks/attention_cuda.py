@@ -4,10 +4,14 @@ Imports without a GPU or triton (everything GPU-specific is imported inside the 
 """
 from __future__ import annotations
 
+import statistics
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .attention import peak_memory_mb
+from .kernels_cuda import cuda_time_ms
 
 __all__ = ["bench_stick_breaking_cuda"]
 
@@ -19,30 +23,7 @@ def _bench_ms(fn: Callable[[], object], warmup: int, rep: int) -> float:
 
         return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     except ImportError:  # pragma: no cover - triton missing on a CUDA box
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        times.sort()
-        return times[len(times) // 2]
-
-
-def _peak_mb(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
+        return statistics.median(cuda_time_ms(fn, repeats=20, warmup=3))
 
 
 def bench_stick_breaking_cuda(seq_lens: Sequence[int] = (1024, 2048, 4096, 8192, 16384), *,
@@ -132,11 +113,11 @@ def bench_stick_breaking_cuda(seq_lens: Sequence[int] = (1024, 2048, 4096, 8192,
         with torch.no_grad():
             row["sb_fwd_ms"] = _bench_ms(lambda: sb(q, k, v), warmup, rep)
             row["sdpa_fwd_ms"] = _bench_ms(sdpa, warmup, rep)
-            row["sb_fwd_peak_mb"] = _peak_mb(lambda: sb(q, k, v))
+            row["sb_fwd_peak_mb"] = peak_memory_mb(lambda: sb(q, k, v))
         row["sb_fwdbwd_ms"] = _bench_ms(fwdbwd(lambda: sb(q, k, v), (q, k, v), do), warmup, rep)
         row["sdpa_fwdbwd_ms"] = _bench_ms(fwdbwd(sdpa, (qs, ks, vs), dos), warmup, rep)
-        row["sb_fwdbwd_peak_mb"] = _peak_mb(fwdbwd(lambda: sb(q, k, v), (q, k, v), do))
-        row["sdpa_fwdbwd_peak_mb"] = _peak_mb(fwdbwd(sdpa, (qs, ks, vs), dos))
+        row["sb_fwdbwd_peak_mb"] = peak_memory_mb(fwdbwd(lambda: sb(q, k, v), (q, k, v), do))
+        row["sdpa_fwdbwd_peak_mb"] = peak_memory_mb(fwdbwd(sdpa, (qs, ks, vs), dos))
         if flash_attn_func is not None:
             qf = q.detach().reshape(B, T, Hq, D).requires_grad_()  # flash layout [B, T, heads, D]
             kf, vf = k.detach().requires_grad_(), v.detach().requires_grad_()

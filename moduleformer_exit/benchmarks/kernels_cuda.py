@@ -23,7 +23,7 @@ __all__ = ["bench_expert_kernels_cuda", "DEFAULT_CUDA_SHAPES"]
 DEFAULT_CUDA_SHAPES = ((16384, 1024, 4096, 32, 2),)  # (N tokens, d, h, E, k)
 
 
-def _cuda_time_ms(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+def cuda_time_ms(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
     """Per-call times in ms from CUDA events (one synchronize per call)."""
     for _ in range(warmup):
         fn()
@@ -92,8 +92,8 @@ def _bench_shape(n, d, h, e, k, *, dtype, backends, repeats, warmup, seed, devic
                 p.grad = None
             forward().backward(cotangent)
 
-        return (statistics.median(_cuda_time_ms(fwd, repeats, warmup)),
-                statistics.median(_cuda_time_ms(fwd_bwd, repeats, warmup)))
+        return (statistics.median(cuda_time_ms(fwd, repeats, warmup)),
+                statistics.median(cuda_time_ms(fwd_bwd, repeats, warmup)))
 
     paths: dict[str, Optional[Callable]] = {"dense": lambda: dense_mlp_forward(xd, w1d, w2d)}
     for name in backends:
