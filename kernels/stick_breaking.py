@@ -330,6 +330,20 @@ class _StickBreakingFn(torch.autograd.Function):
         return dq, dk, dv.to(v.dtype), None, None, None, None, None
 
 
+
+def check_attention_shapes(q: Tensor, k: Tensor, v: Tensor) -> Tuple[int, int, int, int, int, int]:
+    """Validate q ``[B, T, K, H, D]`` against k, v ``[B, S, H, D]`` with S >= T; returns ``(B, T, K, H, D, S)``."""
+    if q.dim() != 5 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B,T,K,H,D] and k, v [B,S,H,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, T, K, H, D = q.shape
+    S = k.shape[1]
+    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)}")
+    if S < T:
+        raise ValueError(f"need S >= T (queries are the last T positions), got T={T}, S={S}")
+    return B, T, K, H, D, S
+
 def stick_breaking_attention(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor] = None, *,
                              scale: Optional[float] = None, block_size: int = 64,
                              key_block_size: Optional[int] = None, skip_underflow: Optional[bool] = None,
@@ -359,15 +373,7 @@ def stick_breaking_attention(q: Tensor, k: Tensor, v: Tensor, attention_mask: Op
         [B, T, K, H, D] in q's dtype (computed in fp32, fp64 for fp64 inputs). Differentiable w.r.t. q, k, v
         through a recompute backward (memory linear in T and S).
     """
-    if q.dim() != 5 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B,T,K,H,D] and k, v [B,S,H,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    B, T, K, H, D = q.shape
-    S = k.shape[1]
-    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
-        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)}")
-    if S < T:
-        raise ValueError(f"need S >= T (queries are the last T positions), got T={T}, S={S}")
+    B, T, K, H, D, S = check_attention_shapes(q, k, v)
     if block_size < 1 or (key_block_size is not None and key_block_size < 1):
         raise ValueError("block sizes must be positive")
     if scale is None:

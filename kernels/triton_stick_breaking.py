@@ -45,6 +45,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .stick_breaking import check_attention_shapes
+
 try:  # guarded: the package must import without triton
     import triton
     import triton.language as tl
@@ -364,15 +366,7 @@ def triton_stick_breaking_attention(q: Tensor, k: Tensor, v: Tensor, attention_m
     """
     if not HAS_TRITON:
         raise RuntimeError("triton_stick_breaking_attention needs triton (pip install triton)")
-    if q.dim() != 5 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B,T,K,H,D] and k, v [B,S,H,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    B, T, KQ, H, D = q.shape
-    S = k.shape[1]
-    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
-        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)}")
-    if S < T:
-        raise ValueError(f"need S >= T (queries are the last T positions), got T={T}, S={S}")
+    B, T, KQ, H, D, S = check_attention_shapes(q, k, v)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     dm, dn = _default_blocks(q)
