@@ -16,8 +16,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # kernels/ and training/ live at the top of the repo but install under the package:
-    # a top-level `kernels` module would shadow the `kernels` package transformers looks for.
+    # kernels/, training/ and configs/ live at the top of the repo and are reached through committed symlinks
+    # (moduleformer_exit/kernels -> ../kernels, ...), so they install as subpackages and never as top-level
+    # modules (a top-level `kernels` would shadow the `kernels` package transformers looks for), and the source
+    # tree imports the same way with an editable install, a regular one, or none.
     packages=[
         "moduleformer_exit",
         "moduleformer_exit.kernels",
@@ -26,13 +28,6 @@ setup(
         "moduleformer_exit.configs",
         "moduleformer_exit.data",
     ],
-    package_dir={
-        "moduleformer_exit": "moduleformer_exit",
-        "moduleformer_exit.kernels": "kernels",
-        "moduleformer_exit.training": "training",
-        "moduleformer_exit.benchmarks": "moduleformer_exit/benchmarks",
-        "moduleformer_exit.configs": "configs",
-    },
     package_data={
         "moduleformer_exit.configs": ["*.json", "**/*.json", "**/*.yaml", "recipes/*.json"],
         "moduleformer_exit.data": ["austen/*.txt", "austen/*.md"],

@@ -1,13 +1,6 @@
 """Shared test set-up: offline Hugging Face, fixed threads and seeds, tiny ModuleFormer configs."""
 import os
-import sys
 import tempfile
-from pathlib import Path
-
-# The repo root holds `kernels/` and `training/`, which install as moduleformer_exit.kernels / .training. If the root is
-# on sys.path (e.g. `python -m pytest`), a top-level `kernels` would be found by transformers' hub-kernels probe: drop it.
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO_ROOT]
 
 # Never touch the hub; keep caches out of $HOME. Set before transformers is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
