@@ -20,7 +20,7 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend", "triton_available", "triton_interpret", "megablocks_available"]
+__all__ = ["BACKENDS", "resolve_backend", "triton_available", "triton_interpret", "megablocks_available", "tracing"]
 
 BACKENDS = ("auto", "torch", "triton", "megablocks")
 
@@ -49,6 +49,12 @@ def megablocks_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing: kernels then skip host reads and pointer checks (they take
+    the always-correct path instead of the data-dependent shortcut)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _device_type(tensors) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import BACKENDS, resolve_backend
+from .backend import BACKENDS, resolve_backend, tracing
 from .routing import RoutingPlan
 
 __all__ = ["expert_linear", "BACKENDS"]
@@ -192,10 +192,10 @@ def _ungroup_input_grad(dx_s: Tensor, plan: RoutingPlan, fan_out: int, grouped_i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _gmm_layout_ok(t: Tensor) -> bool:
+def _gmm_layout_ok(t: Tensor, check_pointer: bool = True) -> bool:
     """Whether F.grouped_mm accepts this 2D/3D operand as is: 16-byte aligned data pointer, unit stride in one of
     the last two dims and a 16-byte multiple for the other."""
-    if t.dtype not in _GROUPED_MM_DTYPES or t.data_ptr() % 16 != 0:
+    if t.dtype not in _GROUPED_MM_DTYPES or (check_pointer and t.data_ptr() % 16 != 0):
         return False
     align = 16 // t.element_size()
     s, n = t.stride(), t.shape
@@ -210,6 +210,9 @@ def _gmm_operand(t: Tensor) -> Optional[Tensor]:
     """t itself if grouped_mm takes it, a contiguous copy if that fixes it, else None (use the loop)."""
     if _GROUPED_MM is None or t.device.type not in ("cpu", "cuda"):
         return None
+    if tracing():  # no data pointer while tracing: a fresh (hence aligned) contiguous copy always qualifies
+        c = t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+        return c if _gmm_layout_ok(c, check_pointer=False) else None
     if _gmm_layout_ok(t):
         return t
     c = t.contiguous()

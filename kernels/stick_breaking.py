@@ -52,7 +52,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import resolve_backend, tracing
 
 __all__ = ["stick_breaking_attention"]
 
@@ -96,7 +96,7 @@ class _Prepared:
         self._bound = None
         qn, kmax = self.key_bound()
         # |L| <= max|qf| * max|kr|: when that is within the clamp range the clamp pass is a no-op (usual case)
-        self.needs_clamp = T * K > 0 and S > 0 and bool(qn.max() * kmax[:, 0].max() > _L_CLAMP - 1.0)
+        self.needs_clamp = T * K > 0 and S > 0 and (tracing() or bool(qn.max() * kmax[:, 0].max() > _L_CLAMP - 1.0))
 
     def key_bound(self) -> Tuple[Tensor, Tensor]:
         """(|qf| per row [B*H, T*K], max |kr| over reversed keys >= j' [B*H, S]): |L_ij| <= product."""
@@ -181,6 +181,8 @@ def _all_underflow(p: _Prepared, carry: Tensor, r0: int, r1: int, j: int) -> boo
     log2 A = L - cs/ln2 with cs >= carry and L <= min(100, |qf_i| * max_{j' >= j} |kr_j'|) (Cauchy-Schwarz).
     Skipping those chunks changes the output by less than S * 2**-125 * max|v|: exact at fp32 resolution.
     """
+    if tracing():  # a data-dependent early stop cannot be traced: walk every chunk (same result)
+        return False
     qn, kmax = p.key_bound()
     K = p.shape[2]
     bound = (qn[:, r0 * K:r1 * K] * kmax[:, j:j + 1]).clamp_(max=_L_CLAMP)

@@ -17,11 +17,12 @@ from .moe import MoE
 def stick_breaking_weights(q: Tensor, k: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
     """Explicit stick-breaking attention weights ``[B, K, H, T, S]`` (for ``output_attentions`` only).
 
-    ``A_ij = sigmoid(l_ij) * prod_{j<m<=i} (1 - sigmoid(l_im))`` in log space, fp32, O(T*S) memory.
+    ``A_ij = sigmoid(l_ij) * prod_{j<m<=i} (1 - sigmoid(l_im))`` in log space, fp32 (fp64 for fp64 inputs).
     Args: q ``[B, T, K, H, D]``, k ``[B, S, H, D]``, attention_mask ``[B, S]`` of 0/1 or None.
     """
     length, context = q.shape[1], k.shape[1]
-    logits = torch.einsum("btkhd,bshd->bkhts", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    logits = torch.einsum("btkhd,bshd->bkhts", q.to(dtype), k.to(dtype)) / math.sqrt(q.shape[-1])
     rows = torch.arange(length, device=q.device).unsqueeze(1) + (context - length)
     visible = torch.arange(context, device=q.device).unsqueeze(0) <= rows  # [T, S], diagonal included
     if attention_mask is not None:
@@ -71,7 +72,7 @@ class ModuleFormerAttention(nn.Module):
         self,
         hidden_states: Tensor,
         attention_mask: Optional[Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         compute_aux: bool = True,
         output_attentions: bool = False,
     ) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
@@ -80,28 +81,36 @@ class ModuleFormerAttention(nn.Module):
         Args:
             hidden_states: ``[B, T, n_embd]`` (already layer-normed).
             attention_mask: ``[B, S]`` 0/1 over all S = past + T positions, or None.
-            past_key_values: a transformers ``Cache``; K/V are stored as ``[B, 1, S, att_hidden]`` and updated in place.
+            cache: a transformers ``Cache``; the shared K/V are stored in the standard layout
+                ``[B, n_head, S, head_size]`` (one KV head per query head of an expert) and updated in place.
+            output_attentions: compute the stick-breaking weights explicitly and the output from them (the eager
+                path: O(B*k*H*T*S) memory), so the returned weights are on the autograd path.
         Returns:
-            ``(output [B, T, n_embd], aux_loss or None, router_logits [B*T, E], weights [B, k, H, T, S] or None)``.
+            ``(output [B, T, n_embd], aux_loss or None, router_logits [B*T, E], weights or None)`` with weights
+            ``[B, k_att * n_head, T, S]`` float32: row ``j * n_head + h`` is head h of the token's j-th selected expert.
         """
-        bsz, length, width = hidden_states.shape
-        q, aux, routing, plan = self.q_proj.map(hidden_states, compute_aux)  # [B, T, k, att_hidden]
-        k = self.k_proj(hidden_states)  # [B, T, att_hidden]
-        v = self.v_proj(hidden_states)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k.unsqueeze(1), v.unsqueeze(1), self.layer_idx)
-            k, v = k.squeeze(1), v.squeeze(1)  # [B, S, att_hidden]
-        context = k.shape[1]
+        bsz, length, _ = hidden_states.shape
+        q, aux, routing, plan = self.q_proj.map(hidden_states, compute_aux)  # (B, T, k, att_hidden)
+        k = self.k_proj(hidden_states).view(bsz, length, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v_proj(hidden_states).view(bsz, length, self.n_head, self.head_size).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs)
+        context = k.shape[2]
         if attention_mask is not None and attention_mask.shape != (bsz, context):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but the layer attends over {context} "
                 f"positions (cached + new) for batch {bsz}: pass a [batch, past + new] mask covering every position."
             )
         q = q.view(bsz, length, self.top_k, self.n_head, self.head_size)  # (B, T, k, nh, hs)
-        k = k.view(bsz, context, self.n_head, self.head_size)  # (B, S, nh, hs)
-        v = v.view(bsz, context, self.n_head, self.head_size)
-        y = stick_breaking_attention(q, k, v, attention_mask, backend=self.kernel_backend)  # (B, T, k, nh, hs)
-        weights = stick_breaking_weights(q, k, attention_mask) if output_attentions else None
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, nh, hs) views: the kernels read strides
+        weights = None
+        if output_attentions:
+            # The returned 4-D tensor itself feeds the output, so gradients reach it (attribution methods).
+            weights = stick_breaking_weights(q, k, attention_mask).reshape(bsz, -1, length, context)  # fp32
+            y = torch.einsum("bkhts,bshd->btkhd", weights.view(bsz, self.top_k, self.n_head, length, context),
+                             v.to(weights.dtype))
+        else:
+            y = stick_breaking_attention(q, k, v, attention_mask, backend=self.kernel_backend)  # (B, T, k, nh, hs)
         y = y.reshape(bsz, length, self.top_k, self.att_hidden).to(hidden_states.dtype)
         out = self.q_proj.reduce(y, routing, plan)
         return out, aux, routing.logits, weights

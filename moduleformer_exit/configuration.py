@@ -25,7 +25,8 @@ class ModuleFormerConfig(PretrainedConfig):
     no position embeddings and the KV cache is never truncated). ``attn_pdrop`` and ``layer_norm_epsilon`` are stored
     but, as in the original, unused (LayerNorms use torch's default eps, which equals the default 1e-5).
 
-    Added here (not in IBM's config): ``kernel_backend`` selects the expert / attention kernel implementation
+    Added here (not in IBM's config): ``output_router_logits`` (default of the forward argument of that name, as in
+    Mixtral-style MoE configs) and ``kernel_backend`` selects the expert / attention kernel implementation
     (resolved per call by ``kernels.backend.resolve_backend``): ``auto`` (Triton on CUDA tensors when triton imports,
     else torch), ``torch`` (pure PyTorch, any device), ``triton`` (Triton kernels; on CPU only under
     ``TRITON_INTERPRET=1``), ``megablocks`` (GPU-only MegaBlocks grouped GEMM for the MLP experts; needs
@@ -77,6 +78,7 @@ class ModuleFormerConfig(PretrainedConfig):
         aux_loss_weight: float = 0.0,
         gate_type: str = "mlp",
         kernel_backend: str = "auto",
+        output_router_logits: bool = False,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -109,6 +111,7 @@ class ModuleFormerConfig(PretrainedConfig):
         self.aux_loss_weight = aux_loss_weight
         self.gate_type = gate_type
         self.kernel_backend = kernel_backend
+        self.output_router_logits = output_router_logits
         # Saved by IBM's code and read by nothing; kept so round-tripped config.json files stay identical.
         self.n_ctx = history_length * n_layer
         kwargs.pop("n_ctx", None)

@@ -12,24 +12,34 @@ Parameter names follow autocontrastive-gen (``name_to_lm_exit_head.lm_head_<k>.w
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .contrast import auto_contrastive_log_probs
+from .hf_compat import cache_kwargs, output_cache, pick_cache, reject_unknown_kwargs
 from .multi_exit_config import ORIGINAL, MultiExitConfiguration, VocabularyProjectionMode
 
 HEAD_PREFIX = "name_to_lm_exit_head."
 EXIT_LOSS_WEIGHTINGS = ("sum", "calm")
+# Loss weights stored in the model config (config.json), with their defaults: autocontrastive-gen's loss (the sum of
+# the exits' CEs, the original head excluded) unless a recipe asks for the joint pretraining loss.
+LOSS_CONFIG_DEFAULTS = {"lm_loss_weight": 0.0, "exit_loss_weight": 1.0, "exit_loss_weighting": "sum"}
 
 
-def _shifted_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy (float32), ignoring -100."""
-    return F.cross_entropy(logits[..., :-1, :].float().reshape(-1, logits.shape[-1]),
-                           labels[..., 1:].reshape(-1), ignore_index=-100)
+@dataclass
+class MultiExitCausalLMOutput(CausalLMOutputWithPast):
+    """Output of a multi-exit model. With ``labels``: ``lm_loss`` (the original head's shifted CE), ``exit_losses``
+    (``{layer: shifted CE of exit layer}``), ``aux_loss`` (router aux loss of a ModuleFormer backbone, when computed)
+    and ``loss`` combining them with the config's weights (see :meth:`MultiExitMixin.combine_losses`)."""
+
+    lm_loss: Optional[Tensor] = None
+    exit_losses: Optional[dict] = None
+    aux_loss: Optional[Tensor] = None
+    router_logits: Optional[tuple] = None
 
 
 class MultiExitMixin:
@@ -43,16 +53,19 @@ class MultiExitMixin:
     backbone_name = "transformer"
 
     def __init__(self, config, *args: Any, multi_exit_config: Optional[MultiExitConfiguration] = None,
-                 exit_loss_weighting: str = "sum", **kwargs: Any) -> None:
+                 exit_loss_weighting: Optional[str] = None, **kwargs: Any) -> None:
         multi_exit_config = multi_exit_config or MultiExitConfiguration()
         if multi_exit_config.lm_head_layer_indices is not None:
             config.lm_head_layer_indices = list(multi_exit_config.lm_head_layer_indices)
         indices = getattr(config, "lm_head_layer_indices", None)
         config.lm_head_layer_indices = sorted(set(int(i) for i in indices)) if indices else []
+        for name, default in LOSS_CONFIG_DEFAULTS.items():
+            if getattr(config, name, None) is None:
+                setattr(config, name, default)
+        if exit_loss_weighting is not None:
+            config.exit_loss_weighting = exit_loss_weighting
+        _validate_loss_config(config)
         super().__init__(config, *args, **kwargs)
-        if exit_loss_weighting not in EXIT_LOSS_WEIGHTINGS:
-            raise ValueError(f"exit_loss_weighting must be one of {EXIT_LOSS_WEIGHTINGS}, got {exit_loss_weighting!r}.")
-        self.exit_loss_weighting = exit_loss_weighting
         num_layers, hidden = config.num_hidden_layers, config.hidden_size
         for k in config.lm_head_layer_indices:
             if not 1 <= k <= num_layers:
@@ -90,6 +103,16 @@ class MultiExitMixin:
     def exit_layers(self) -> list[int]:
         """The layers with exits (``config.lm_head_layer_indices``)."""
         return list(self.config.lm_head_layer_indices)
+
+    @property
+    def exit_loss_weighting(self) -> str:
+        """``"sum"`` or ``"calm"`` (``config.exit_loss_weighting``), see :meth:`combine_losses`."""
+        return self.config.exit_loss_weighting
+
+    @exit_loss_weighting.setter
+    def exit_loss_weighting(self, value: str) -> None:
+        self.config.exit_loss_weighting = value
+        _validate_loss_config(self.config)
 
     def _check_requested_layers(self, multi_exit_config: MultiExitConfiguration) -> None:
         num_layers = self.config.num_hidden_layers
@@ -168,53 +191,104 @@ class MultiExitMixin:
             return cfg.contrast_function(upper, lower)
         return auto_contrastive_log_probs(upper, lower, cfg.alpha, cfg.minimum_candidates)
 
-    def exit_loss(self, hidden_states: tuple[Tensor, ...], labels: Tensor) -> Tensor:
-        """Training loss of the exits: sum of per-exit shifted mean CE (autocontrastive-gen), or CALM's weighting
-        ``sum_k (k / sum_j j) CE_k`` over the exit layers when ``exit_loss_weighting="calm"``."""
-        layers = self.exit_layers
-        losses = [_shifted_ce(self.exit_logits(hidden_states, k), labels) for k in layers]
-        if self.exit_loss_weighting == "calm":
-            total = float(sum(layers))
-            return sum(k / total * loss for k, loss in zip(layers, losses))
-        return sum(losses)
+    def exit_losses(self, hidden_states: tuple[Tensor, ...], labels: Tensor,
+                    num_items_in_batch: Optional[Tensor | int] = None) -> dict[int, Tensor]:
+        """``{layer: shifted cross-entropy of exit layer}`` for every exit (the model's own causal-LM loss)."""
+        return {k: self.loss_function(self.exit_logits(hidden_states, k), labels, self.config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch) for k in self.exit_layers}
+
+    def combine_losses(self, lm_loss: Tensor, exit_losses: dict[int, Tensor],
+                       aux_loss: Optional[Tensor] = None) -> Tensor:
+        """The training loss, with weights from the model config::
+
+            loss = lm_loss_weight * lm_loss + exit_loss_weight * sum_k c_k * exit_losses[k] + aux_loss_weight * aux
+
+        ``c_k = 1`` (``exit_loss_weighting="sum"``, autocontrastive-gen's loss with the defaults ``lm_loss_weight=0``,
+        ``exit_loss_weight=1``) or CALM's ``c_k = k / sum_j j`` (``"calm"``). A model without exits trains its
+        original head (``lm_loss``). ``aux_loss_weight`` is the ModuleFormer config's (0 for GPT-2 / GPT-Neo).
+        """
+        cfg = self.config
+        if not exit_losses:
+            loss = lm_loss
+        else:
+            layers = sorted(exit_losses)
+            coefficients = ({k: k / float(sum(layers)) for k in layers} if cfg.exit_loss_weighting == "calm"
+                            else dict.fromkeys(layers, 1.0))
+            loss = cfg.exit_loss_weight * sum(coefficients[k] * exit_losses[k] for k in layers)
+            if cfg.lm_loss_weight:
+                loss = loss + cfg.lm_loss_weight * lm_loss
+        aux_weight = getattr(cfg, "aux_loss_weight", 0.0) or 0.0
+        if aux_loss is not None and aux_weight > 0:
+            loss = loss + aux_weight * aux_loss
+        return loss
+
+    def _backbone_extra_kwargs(self, labels: Optional[Tensor]) -> dict[str, Any]:
+        """Backbone-specific forward arguments (ModuleFormer: when to compute the router aux loss)."""
+        return {}
 
     def forward(
         self,
         input_ids: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None,
         position_ids: Optional[Tensor] = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         use_cache: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         logits_to_keep: int | Tensor = 0,
+        past_key_values=None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> MultiExitCausalLMOutput:
         """Backbone forward, then the configured output logits at every kept position (all positions unless
-        ``logits_to_keep``), so generation and log-likelihood scoring both work. With ``labels`` the loss is the exit
-        loss (:meth:`exit_loss`); a model without exits falls back to the original head's CE."""
-        backbone_kwargs = dict(attention_mask=attention_mask, past_key_values=past_key_values,
-                               inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               output_attentions=output_attentions, output_hidden_states=True)
-        if position_ids is not None:
-            backbone_kwargs["position_ids"] = position_ids
-        kwargs.pop("num_items_in_batch", None)
-        outputs = self.backbone(input_ids, **backbone_kwargs, **kwargs)
+        ``logits_to_keep``), so generation and log-likelihood scoring both work. With ``labels`` the loss is
+        :meth:`combine_losses` of the original head's and the exits' shifted CEs (the parts are in the output).
+        The cache may be passed as ``cache=`` or ``past_key_values=``; unknown keyword arguments raise TypeError."""
+        return self._multi_exit_forward(
+            input_ids, attention_mask, pick_cache(cache, past_key_values), inputs_embeds, labels, use_cache,
+            output_attentions, output_hidden_states, logits_to_keep, position_ids=position_ids, **kwargs)
+
+    def _multi_exit_forward(self, input_ids, attention_mask, cache, inputs_embeds, labels, use_cache,
+                            output_attentions, output_hidden_states, logits_to_keep, **kwargs
+                            ) -> MultiExitCausalLMOutput:
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        passed_on = {k: kwargs.pop(k) for k in ("position_ids", "token_type_ids", "output_router_logits")
+                     if k in kwargs}
+        backbone_kwargs = {k: v for k, v in passed_on.items() if v is not None}
+        reject_unknown_kwargs(kwargs, f"{type(self).__name__}.forward")
+        outputs = self.backbone(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=True,
+                                return_dict=True, **cache_kwargs(cache), **backbone_kwargs, **self._backbone_extra_kwargs(labels))
         hidden_states = outputs.hidden_states
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.output_logits(tuple(h[:, keep] for h in hidden_states))
-        loss = None
+        loss = lm_loss = exit_losses = None
+        aux_loss = getattr(outputs, "aux_loss", None)
         if labels is not None:
-            if self.exit_layers:
-                loss = self.exit_loss(hidden_states, labels)
-            else:
-                loss = _shifted_ce(self.exit_logits(hidden_states, ORIGINAL), labels)
-        return CausalLMOutputWithPast(
+            lm_loss = self.loss_function(self.exit_logits(hidden_states, ORIGINAL), labels, self.config.vocab_size,
+                                         num_items_in_batch=num_items_in_batch)
+            exit_losses = self.exit_losses(hidden_states, labels, num_items_in_batch)
+            loss = self.combine_losses(lm_loss, exit_losses, aux_loss)
+        return MultiExitCausalLMOutput(
             loss=loss,
+            lm_loss=lm_loss,
+            exit_losses=exit_losses,
+            aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=hidden_states if output_hidden_states else None,
             attentions=getattr(outputs, "attentions", None),
+            router_logits=getattr(outputs, "router_logits", None),
+            **cache_kwargs(output_cache(outputs)),
         )
+
+
+def _validate_loss_config(config) -> None:
+    """Raise ValueError naming the field if the loss weights in ``config`` are unusable."""
+    if config.exit_loss_weighting not in EXIT_LOSS_WEIGHTINGS:
+        raise ValueError(f"exit_loss_weighting must be one of {EXIT_LOSS_WEIGHTINGS}, got "
+                         f"{config.exit_loss_weighting!r}.")
+    for name in ("lm_loss_weight", "exit_loss_weight"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0 (a loss weight), got {value!r}.")

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -22,12 +21,21 @@ from transformers.modeling_outputs import (
     MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import ModuleFormerAttention
 from .configuration import ModuleFormerConfig
 from .gates import TopKGating
+from .hf_compat import cache_kwargs, output_cache, pick_cache, reject_unknown_kwargs
 from .moe import MoE, ParallelExperts
+
+logger = logging.get_logger(__name__)
+
+
+def _tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing this forward (data-dependent host reads are not allowed)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 @dataclass
@@ -37,9 +45,19 @@ class ModuleFormerModelOutput(MoeModelOutputWithPast):
     ``hidden_states`` has n_layer + 1 entries: [0] the embeddings, [k] the output of block k, and the last one the
     output of the final LayerNorm (so ``lm_head(hidden_states[-1]) == logits``). ``router_logits`` is a tuple with one
     ``(attention_router_logits [B*T, n_att_experts], mlp_router_logits [B*T, n_mlp_experts])`` pair per block.
+    ``attentions``: one ``[B, k_att * n_head, T, S]`` float32 tensor per block (see :class:`ModuleFormerAttention`).
+    The cache is the field transformers names it (``cache`` on >= 5.24, ``past_key_values`` before).
     """
 
     aux_loss: Optional[Tensor] = None
+
+
+@dataclass
+class ModuleFormerCausalLMOutput(MoeCausalLMOutputWithPast):
+    """Causal-LM output: ``loss = lm_loss + aux_loss_weight * aux_loss``; ``lm_loss`` is the shifted cross-entropy
+    alone (None without labels), the quantity perplexity is computed from."""
+
+    lm_loss: Optional[Tensor] = None
 
 
 def _sum_optional(total: Optional[Tensor], value: Optional[Tensor]) -> Optional[Tensor]:
@@ -76,15 +94,15 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
         self,
         hidden_states: Tensor,
         attention_mask: Optional[Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         compute_aux: bool = True,
         output_attentions: bool = False,
-        **kwargs: Any,
     ) -> tuple[Tensor, Optional[Tensor], tuple[Tensor, Tensor], Optional[Tensor]]:
         """``hidden_states`` ``[B, T, n_embd]`` -> (new hidden states, aux loss or None, (att, mlp) router logits,
-        attention weights or None)."""
+        attention weights or None). The model's output recorders read entries 0 (hidden states) and 2 (router
+        logits) of this tuple, and entry 3 of the attention's."""
         attn_out, att_aux, att_logits, weights = self.attn(
-            self.ln_1(hidden_states), attention_mask, past_key_values, compute_aux, output_attentions
+            self.ln_1(hidden_states), attention_mask, cache, compute_aux, output_attentions
         )
         hidden_states = hidden_states + self.resid_dropout(attn_out)
         mlp_out, mlp_aux, mlp_routing = self.mlpf(self.ln_2(hidden_states), compute_aux, return_routing=True)
@@ -99,9 +117,19 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ModuleFormerBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    # The attention is hand-written (stick-breaking has no SDPA / flash equivalent); the eager path is the only one.
+    _supports_sdpa = False
+    _supports_flash_attn = False
+    _supports_flex_attn = False
     # IBM's checkpoints store two persistent mask buffers per layer that the forward never reads.
     _keys_to_ignore_on_load_unexpected = [r"attn\.mask$", r"attn\.cum_weight$"]
+    # transformers' output capture (hooks), used by ModuleFormerModel.forward's @capture_outputs.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(ModuleFormerBlock, index=0),
+        "attentions": OutputRecorder(ModuleFormerAttention, index=3),
+        "router_logits": OutputRecorder(ModuleFormerBlock, index=2),
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         """HF init for Linear / Embedding / LayerNorm (normal(0, initializer_range), ones, zeros) plus IBM's init for
@@ -138,56 +166,64 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         # An out-of-range id is an opaque IndexError on CPU and a device assert on CUDA: name the problem instead.
-        if input_ids.numel() == 0:
+        # On CPU the check costs a reduction; on CUDA it is an asynchronous device assert (no host sync); while
+        # tracing (torch.compile / export) it is left out, as a data-dependent branch cannot be traced.
+        if input_ids.numel() == 0 or _tracing():
+            return
+        vocab = self.config.vocab_size
+        message = (f"input_ids contain a token id outside the vocabulary [0, {vocab}): check that the tokenizer "
+                   f"matches this model (config.vocab_size={vocab}).")
+        if input_ids.device.type != "cpu":
+            torch._assert_async(((input_ids >= 0) & (input_ids < vocab)).all(), message)
             return
         low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(
-                f"input_ids contain token id {high if high >= self.config.vocab_size else low}, outside the "
-                f"vocabulary [0, {self.config.vocab_size}): check that the tokenizer matches this model "
-                f"(config.vocab_size={self.config.vocab_size})."
-            )
+        if low < 0 or high >= vocab:
+            raise ValueError(message.replace("a token id", f"token id {high if high >= vocab else low}", 1))
 
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_ids: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None,
         token_type_ids: Optional[Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[Tensor] = None,
         use_cache: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
-        output_router_logits: bool = False,
+        output_router_logits: Optional[bool] = None,
         compute_aux: Optional[bool] = None,
+        past_key_values: Optional[Cache] = None,
         **kwargs: Any,
     ) -> ModuleFormerModelOutput:
         """Run the decoder over ``input_ids`` ``[B, T]`` (or ``inputs_embeds`` ``[B, T, n_embd]``).
 
         ``attention_mask`` ``[B, past + T]`` of 0/1 (left padding is exact: padded keys get zero weight and do not
-        break the stick). ``past_key_values`` is a transformers ``Cache`` (a ``DynamicCache`` is created when
-        ``use_cache`` and none is given). ``compute_aux`` (default: in training) computes the router aux loss.
+        break the stick). ``cache`` (or its pre-5.24 name ``past_key_values``) is a transformers ``Cache`` (a
+        ``DynamicCache`` is created when ``use_cache`` and none is given). ``compute_aux`` (default: in training)
+        computes the router aux loss. ``output_hidden_states`` / ``output_attentions`` / ``output_router_logits``
+        (defaults from the config) are recorded by transformers' output capture. Only the first
+        ``config.num_hidden_layers`` blocks run (transformers' ``assistant_early_exit`` lowers it).
+        Unknown keyword arguments raise ``TypeError``.
         """
+        reject_unknown_kwargs(kwargs, "ModuleFormerModel.forward")
+        cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
         compute_aux = self.training if compute_aux is None else compute_aux
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False  # the backward replay would write the cache a second time
+        if cache is not None and not isinstance(cache, Cache):
             raise TypeError(
-                f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(past_key_values)}; "
+                f"the cache must be a transformers Cache (e.g. DynamicCache), got {type(cache)}; "
                 "legacy tuple caches are not supported by transformers 5."
             )
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            past_key_values = None
+            cache = None
 
         if input_ids is not None:
             self._check_input_ids(input_ids)
@@ -196,45 +232,29 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         if token_type_ids is not None:  # GPT-J legacy kept by IBM: token types reuse the word embedding
             hidden_states = hidden_states + self.wte(token_type_ids)
         hidden_states = self.drop(hidden_states)
+        attention_mask = self._prepare_attention_mask(attention_mask)
 
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError(
-                    f"attention_mask must be 2-D [batch, past + new] of 0/1, got shape {tuple(attention_mask.shape)}."
-                )
-            if bool(attention_mask.all()):  # all visible: take the unmasked fast path
-                attention_mask = None
-
-        all_hidden = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        all_router_logits = () if output_router_logits else None
         aux_loss = None
-        for block in self.h:
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            hidden_states, block_aux, router_logits, weights = block(
-                hidden_states,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                compute_aux=compute_aux,
-                output_attentions=output_attentions,
-            )
+        for block in self.h[: self.config.n_layer]:
+            hidden_states, block_aux, _, _ = block(hidden_states, attention_mask, cache, compute_aux,
+                                                   output_attentions)
             aux_loss = _sum_optional(aux_loss, block_aux)
-            if output_attentions:
-                all_attentions += (weights,)
-            if output_router_logits:
-                all_router_logits += (router_logits,)
         hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden += (hidden_states,)
-        return ModuleFormerModelOutput(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            hidden_states=all_hidden,
-            attentions=all_attentions,
-            router_logits=all_router_logits,
-            aux_loss=aux_loss,
-        )
+        return ModuleFormerModelOutput(last_hidden_state=hidden_states, aux_loss=aux_loss, **cache_kwargs(cache))
+
+    @staticmethod
+    def _prepare_attention_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+        """Validate the 2-D 0/1 mask; drop it when nothing is masked (the unmasked kernels are faster). The
+        all-visible test is a host read, skipped while tracing (the masked path gives the same result)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, past + new] of 0/1, got shape {tuple(attention_mask.shape)}."
+            )
+        if not _tracing() and bool(attention_mask.all()):
+            return None
+        return attention_mask
 
 
 class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
@@ -260,52 +280,69 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         input_ids: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None,
         token_type_ids: Optional[Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         use_cache: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
-        output_router_logits: bool = False,
+        output_router_logits: Optional[bool] = None,
         logits_to_keep: int | Tensor = 0,
+        past_key_values: Optional[Cache] = None,
+        num_items_in_batch: Optional[Tensor | int] = None,
         **kwargs: Any,
-    ) -> MoeCausalLMOutputWithPast:
-        """Causal-LM forward. ``labels`` ``[B, T]`` (-100 = ignored) are shifted inside; the router aux loss is
-        computed in training or when labels are given, and added with ``config.aux_loss_weight`` only if > 0."""
-        compute_aux = self.training or labels is not None or output_router_logits
+    ) -> ModuleFormerCausalLMOutput:
+        """Causal-LM forward. ``labels`` ``[B, T]`` (-100 = ignored) are shifted inside (transformers' causal-LM
+        loss; ``num_items_in_batch`` as the Trainer passes it); the router aux loss is computed in training or when
+        labels are given, and added with ``config.aux_loss_weight`` only if > 0. ``logits_to_keep`` (int: the last
+        n positions, 0 = all; or a tensor of positions) limits the logits computed. Unknown kwargs raise TypeError."""
+        reject_unknown_kwargs(kwargs, f"{type(self).__name__}.forward")
+        output_router_logits = (self.config.output_router_logits if output_router_logits is None
+                                else output_router_logits)
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
+            output_hidden_states=(self.config.output_hidden_states if output_hidden_states is None
+                                  else output_hidden_states),
             output_router_logits=output_router_logits,
-            compute_aux=compute_aux,
+            compute_aux=self.training or labels is not None or output_router_logits,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :]).float()
-        loss = None
+        loss = lm_loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            lm_loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
+            loss = lm_loss
             if self.config.aux_loss_weight > 0 and outputs.aux_loss is not None:
                 loss = loss + self.config.aux_loss_weight * outputs.aux_loss
-        return MoeCausalLMOutputWithPast(
+        return ModuleFormerCausalLMOutput(
             loss=loss,
+            lm_loss=lm_loss,
             aux_loss=outputs.aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            **cache_kwargs(output_cache(outputs)),
         )
 
 
 class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
-    """ModuleFormer with a linear ``score`` head on the last non-padding token (left or right padding)."""
+    """ModuleFormer with a linear ``score`` head on each sequence's last real token (left or right padding).
+
+    The last real token is found from ``attention_mask`` when given (works with ``inputs_embeds`` and when the pad id
+    is also a real token, e.g. pad == eos), else from ``config.pad_token_id`` in ``input_ids``; without either, the
+    last position is used (batch 1 always; larger batches with a warning). transformers'
+    ``GenericForSequenceClassification`` is not used: it locates padding from ``input_ids`` only and passes
+    ``position_ids``, which ModuleFormer (no position embeddings) has no use for.
+    """
 
     def __init__(self, config: ModuleFormerConfig) -> None:
         super().__init__(config)
@@ -314,19 +351,24 @@ class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
         self.post_init()
 
-    def _last_token_index(self, input_ids: Optional[Tensor], batch_size: int, length: int) -> Tensor:
-        if self.config.pad_token_id is None:
-            if batch_size != 1:
-                raise ValueError(
-                    "ModuleFormerForSequenceClassification needs config.pad_token_id to find the last token of "
-                    "padded batches (batch size > 1): set it to your tokenizer's pad id."
+    def _last_token_index(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor], batch_size: int,
+                          length: int, device: torch.device) -> Tensor:
+        """``[B]`` index of each row's rightmost real token."""
+        positions = torch.arange(length, device=device)
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].to(device) != 0
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids.to(device) != self.config.pad_token_id
+        else:
+            if batch_size > 1:
+                logger.warning_once(
+                    "ModuleFormerForSequenceClassification: no attention_mask and no pad_token_id (or inputs_embeds "
+                    "given), so padding cannot be located and the last position of every row is pooled. Pass "
+                    "attention_mask for padded batches."
                 )
-            return torch.full((batch_size,), length - 1, dtype=torch.long)
-        if input_ids is None:
-            raise ValueError("Pass input_ids (not inputs_embeds) so padding can be located, or use batch size 1.")
-        # Rightmost non-pad position; works for left and right padding.
-        positions = torch.arange(length, device=input_ids.device)
-        return ((input_ids != self.config.pad_token_id).long() * positions).argmax(-1)
+            return torch.full((batch_size,), length - 1, dtype=torch.long, device=device)
+        # Rightmost real position; works for left and right padding (a row with no real token pools position 0).
+        return (real.long() * positions).argmax(-1)
 
     @can_return_tuple
     def forward(
@@ -334,28 +376,33 @@ class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
         input_ids: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None,
         token_type_ids: Optional[Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         use_cache: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
+        past_key_values: Optional[Cache] = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutputWithPast:
         """Sequence classification / regression; the loss follows ``config.problem_type`` (HF conventions)."""
+        kwargs.pop("num_items_in_batch", None)
+        reject_unknown_kwargs(kwargs, f"{type(self).__name__}.forward")
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
+            output_hidden_states=(self.config.output_hidden_states if output_hidden_states is None
+                                  else output_hidden_states),
+            return_dict=True,
         )
         logits = self.score(outputs.last_hidden_state)
         batch_size, length = logits.shape[:2]
-        last = self._last_token_index(input_ids, batch_size, length).to(logits.device)
+        last = self._last_token_index(input_ids, attention_mask, batch_size, length, logits.device)
         pooled = logits[torch.arange(batch_size, device=logits.device), last]
         loss = None
         if labels is not None:
@@ -363,7 +410,7 @@ class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
         return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **cache_kwargs(output_cache(outputs)),
         )

@@ -8,13 +8,39 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, GPT2LMHeadModel, GPTNeoForCausalLM
 
-from .exits import MultiExitMixin
+from .exits import MultiExitCausalLMOutput, MultiExitMixin
+from .hf_compat import pick_cache
 from .modeling import ModuleFormerForCausalLM
 from .multi_exit_config import MultiExitConfiguration, VocabularyProjectionMode
 
 
 class MultiExitModuleFormer(MultiExitMixin, ModuleFormerForCausalLM):
     """ModuleFormer causal LM with exit heads (see :class:`~moduleformer_exit.exits.MultiExitMixin`)."""
+
+    def _backbone_extra_kwargs(self, labels: Optional[Tensor]) -> dict[str, Any]:
+        return {"compute_aux": self.training or labels is not None}
+
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        cache=None,
+        inputs_embeds: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_router_logits: Optional[bool] = None,
+        logits_to_keep: int | Tensor = 0,
+        past_key_values=None,
+        **kwargs: Any,
+    ) -> MultiExitCausalLMOutput:
+        """As :meth:`MultiExitMixin.forward`, without ``position_ids`` (ModuleFormer has no position embeddings, so
+        ``generate()`` does not build them) and with ``output_router_logits`` (``router_logits`` in the output)."""
+        return self._multi_exit_forward(
+            input_ids, attention_mask, pick_cache(cache, past_key_values), inputs_embeds, labels, use_cache,
+            output_attentions, output_hidden_states, logits_to_keep, output_router_logits=output_router_logits,
+            **kwargs)
 
 
 class MultiExitGPT2(MultiExitMixin, GPT2LMHeadModel):

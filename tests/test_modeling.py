@@ -203,13 +203,51 @@ def test_router_logits_for_usage_statistics(tiny_model):
     assert att.shape == (10, 4) and mlp.shape == (10, 6)
 
 
-def test_output_attentions_are_stick_breaking_weights(tiny_model):
+def naive_stick_breaking_weights(q, k, mask=None):
+    """float64 loop over the definition: A_ij = z_ij * prod_{j<m<=i} (1 - z_im), z = sigmoid(q_i.k_j / sqrt(D));
+    masked keys get weight 0 and do not break the stick. q [B, T, K, H, D], k [B, S, H, D] -> [B, K, H, T, S]."""
+    B, T, K, H, D = q.shape
+    S = k.shape[1]
+    out = torch.zeros(B, K, H, T, S, dtype=torch.float64)
+    for b in range(B):
+        for kk in range(K):
+            for h in range(H):
+                for t in range(T):
+                    i = S - T + t
+                    remaining = 1.0
+                    for j in range(i, -1, -1):
+                        if mask is not None and mask[b, j] == 0:
+                            continue
+                        z = torch.sigmoid(q[b, t, kk, h].double() @ k[b, j, h].double() / D ** 0.5).item()
+                        out[b, kk, h, t, j] = z * remaining
+                        remaining *= 1 - z
+    return out
+
+
+def test_stick_breaking_weights_match_the_definition():
+    from moduleformer_exit.attention import stick_breaking_weights
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 2, 2, 4, generator=g), torch.randn(2, 5, 2, 4, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 0, 1, 1]])
+    for m in (None, mask):
+        torch.testing.assert_close(stick_breaking_weights(q, k, m).double(), naive_stick_breaking_weights(q, k, m),
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_output_attentions_are_4d_on_the_autograd_path_and_give_the_same_output(tiny_model):
     model = tiny_model()
-    out = model(ids(1, 6), output_attentions=True)
+    x = ids(1, 6)
+    out = model(x, output_attentions=True)
+    assert len(out.attentions) == 2
     weights = out.attentions[0]
-    assert weights.shape == (1, 2, 2, 6, 6)
+    assert weights.shape == (1, 2 * 2, 6, 6)  # [B, k_att * n_head, T, S]
     assert torch.all(weights.triu(1) == 0)  # causal
-    assert torch.all(weights.sum(-1) <= 1 + 1e-6)  # no remainder: rows sum to at most 1
+    assert torch.all(weights.diagonal(dim1=-2, dim2=-1) > 0)  # the diagonal is attended
+    torch.testing.assert_close(out.logits, model(x).logits, atol=1e-5, rtol=1e-4)  # eager path == kernel path
+    weights.retain_grad()
+    out.logits.sum().backward()
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
 
 
 def test_save_and_reload_with_auto_class(tiny_model, tmp_path):

@@ -9,7 +9,6 @@ or randomly (``init="random"``). The result saves with ``save_pretrained`` + tok
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Optional, Sequence
 
@@ -18,24 +17,11 @@ import torch
 from .data import BlockOrder, build_lm_data
 
 
-@torch.no_grad()
 def exit_perplexities(model, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
     """Held-out perplexity of every exit (``exit<k>``) and of the model's own head (``final``)."""
-    from moduleformer_exit.exits import _shifted_ce
+    from moduleformer_exit.perplexity import heldout_perplexities
 
-    was_training = model.training
-    model.eval()
-    sums: dict[str, float] = {}
-    n = 0
-    for i in range(0, blocks.shape[0], batch_size):
-        x = blocks[i:i + batch_size]
-        hidden = model.backbone(x, output_hidden_states=True, use_cache=False).hidden_states
-        names = [("final", "original")] + [(f"exit{k}", k) for k in model.exit_layers]
-        for name, layer in names:
-            sums[name] = sums.get(name, 0.0) + float(_shifted_ce(model.exit_logits(hidden, layer), x)) * x.shape[0]
-        n += x.shape[0]
-    model.train(was_training)
-    return {k: math.exp(v / n) for k, v in sums.items()}
+    return heldout_perplexities(model, blocks, batch_size)
 
 
 def load_exit_model(base: str, layers: Sequence[int], init: str = "lm_head"):
