@@ -34,7 +34,7 @@ setup(
     },
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.2,<6",  # floor: the oldest release CI tests (.ci/run)
+        "transformers>=5.3,<6",  # floor: the oldest release CI tests (.ci/run)
         "safetensors>=0.4",
         "numpy",
         "tqdm",

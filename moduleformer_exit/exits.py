@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .contrast import auto_contrastive_log_probs
@@ -96,8 +97,7 @@ class MultiExitMixin:
         super()._init_weights(module)
         casts = getattr(self, "name_to_conv_matrix", None)
         if casts is not None and any(module is cast for cast in casts.values()):
-            with torch.no_grad():
-                module.weight.copy_(torch.eye(module.weight.shape[0], dtype=module.weight.dtype))
+            init.eye_(module.weight)  # transformers' helper: skipped for weights loaded from a checkpoint
 
     @property
     def exit_layers(self) -> list[int]:

@@ -94,3 +94,26 @@ def test_greedy_generation_matches_original(case):
     prompt = ref["input_ids"][:1, :5]
     tokens = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=1)
     assert tokens.tolist() == ref["greedy_tokens"].tolist()
+
+
+def test_generation_with_cache_equals_without_for_batches_and_beams(case):
+    # IBM's reference greedy tokens (above) pin the single-prompt result; here the cache must not change anything:
+    # a left-padded batch equals each prompt alone, and beam search equals its uncached run.
+    model, ref = case["model"].eval(), case["ref"]
+    prompts = [ref["input_ids"][0, :5].tolist(), ref["input_ids"][0, 2:9].tolist(), ref["input_ids"][0, 1:4].tolist()]
+    width = max(len(p) for p in prompts)
+    batch = torch.full((3, width), 1, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=1)
+    cached = model.generate(batch, attention_mask=mask, **greedy)
+    assert torch.equal(cached, model.generate(batch, attention_mask=mask, use_cache=False, **greedy))
+    for row, prompt in enumerate(prompts):
+        new = model.generate(torch.tensor([prompt]), **greedy)[0, len(prompt):].tolist()
+        assert cached[row, width:width + len(new)].tolist() == new  # a row that hit EOS alone is padded after it
+        assert all(t == 1 for t in cached[row, width + len(new):].tolist())
+    beams = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=1)
+    prompt = ref["input_ids"][:1, :5]
+    assert torch.equal(model.generate(prompt, **beams), model.generate(prompt, use_cache=False, **beams))
