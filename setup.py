@@ -27,10 +27,12 @@ setup(
         "moduleformer_exit.benchmarks",
         "moduleformer_exit.configs",
         "moduleformer_exit.data",
+        "moduleformer_exit.search",
     ],
     package_data={
         "moduleformer_exit.configs": ["*.json", "**/*.json", "**/*.yaml", "recipes/*.json"],
         "moduleformer_exit.data": ["austen/*.txt", "austen/*.md"],
+        "moduleformer_exit.search": ["*.json"],
     },
     install_requires=[
         "torch>=2.4",
@@ -44,7 +46,8 @@ setup(
         "train": ["deepspeed>=0.15", "datasets>=3", "accelerate>=1.0", "tokenizers>=0.20", "matplotlib", "tensorboard",
                   "peft>=0.13"],
         "gpu": ["triton>=3.6"],
-        "test": ["pytest>=8", "numpy", "triton>=3.6"],
+        "search": ["matplotlib", "scipy"],
+        "test": ["pytest>=8", "numpy", "triton>=3.6", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["moduleformer-exit=moduleformer_exit.cli:main"]},
 )

@@ -208,7 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, add_help=False)
         cmd.add_argument("args", nargs=argparse.REMAINDER)
         cmd.set_defaults(func=_training_command(module))
+    search = sub.add_parser("search", add_help=False, help="architecture search on this device: Pareto front of "
+                            "quality proxy, latency and memory ('search validate-proxy' ranks the proxies)")
+    search.add_argument("args", nargs=argparse.REMAINDER)
+    search.set_defaults(func=lambda args: _run_search(args.args))
     return parser
+
+
+def _run_search(argv: list[str]) -> int:
+    """``moduleformer-exit search ...``: forwarded whole to ``moduleformer_exit.search.cli.main``."""
+    from .search.cli import main as search_main
+
+    return search_main(argv)
 
 
 TRAINING_COMMANDS = (
@@ -242,6 +253,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, module, _ in TRAINING_COMMANDS:  # forwarded whole (argparse.REMAINDER drops leading options)
         if argv and argv[0] == name:
             return _training_command(module)(argparse.Namespace(args=argv[1:]))
+    if argv and argv[0] == "search":
+        return _run_search(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
