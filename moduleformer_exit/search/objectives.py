@@ -91,7 +91,7 @@ def evaluate(arch: Architecture, space: SearchSpace, constraints: Constraints, m
         row["peak_memory_mb"] = max(measured["peak_memory_mb"], measured["param_bytes"] / 2**20)
         if space.include_exits:
             row["exit_decode_ms"] = measured["exit_decode_ms"][arch.exit_layer - 1]
-            row["exit_decode_ms_by_layer"] = [round(v, 4) for v in measured["exit_decode_ms"]]
+            row["exit_decode_ms_by_layer"] = list(measured["exit_decode_ms"])
             row.update({f"exit_{k}": v for k, v in proxies_of(truncated(config, arch.exit_layer)).items()})
         reason = constraints.after_measuring(row)
     row["feasible"] = reason is None
