@@ -13,7 +13,7 @@ from moduleformer_exit.search.space import (DIMENSIONS, Architecture, SearchSpac
 SPACE = {
     "fixed": {"vocab_size": 64, "gating_size": 8},
     "dimensions": {"n_layer": {"min": 2, "max": 4}, "n_embd": {"min": 16, "max": 48, "step": 16},
-                   "n_head": {"choices": [1, 2, 4]}, "att_hidden": {"choices": [8, 12, 16]},
+                   "n_head": {"choices": [1, 2, 4]}, "att_hidden": {"choices": [6, 8, 12, 16]},
                    "ffd_hidden": {"choices": [16, 32]}, "n_att_experts": {"choices": [1, 2, 4]},
                    "k_att": {"choices": [1, 2, 4]}, "n_mlp_experts": [2, 4], "k_mlp": [1, 2, 4]},
 }
@@ -30,7 +30,7 @@ def _with(path, value):
 @pytest.mark.parametrize("dimension,value,message", [
     ("k_att", {"choices": [8]}, r"k_att choice\(s\) \[8\] exceed every n_att_experts choice \(max 4\)"),
     ("k_mlp", [1, 8], r"k_mlp choice\(s\) \[8\] exceed every n_mlp_experts"),
-    ("n_head", [1, 5], r"n_head choice 5 divides no att_hidden choice \[8, 12, 16\]"),
+    ("n_head", [1, 5], r"n_head choice 5 divides no att_hidden choice \[6, 8, 12, 16\]"),
     ("att_hidden", [8, 9], r"att_hidden choice 9 is divisible by no n_head choice \[2, 4\]"),
     ("n_layer", {"min": 5, "max": 2}, r"'n_layer' is an empty range \(min 5 > max 2\)"),
     ("ffd_hidden", {"choices": []}, r"'ffd_hidden' has an empty 'choices' list"),

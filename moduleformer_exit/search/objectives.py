@@ -14,7 +14,7 @@ from .space import Architecture, SearchSpace
 # Proxies (higher = expected lower perplexity). ``validate-proxy`` ranks them; DEFAULT_PROXY is its winner
 # (README, "Architecture search").
 PROXIES = ("total", "non_embedding", "active", "active_non_embedding", "forward_flops")
-DEFAULT_PROXY = "non_embedding"
+DEFAULT_PROXY = "active"
 
 
 def proxies_of(config: ModuleFormerConfig) -> dict[str, int]:

@@ -46,7 +46,6 @@ def non_dominated_sort(points: np.ndarray, higher_is_better: Sequence[bool] | No
         fronts.append(front.tolist())
         remaining[front] = False
         dominated_by = dominated_by - dominates[front].sum(0)
-        dominated_by[~remaining] = -1  # never picked again
     return fronts
 
 
