@@ -32,15 +32,17 @@ def space_file(tmp_path):
 
 def test_search_writes_front_configs_csv_and_plot(tmp_path, space_file, capsys):
     out = tmp_path / "run"
-    assert main(["search", "--out", str(out), "--candidates", "8", "--space", space_file, "--device", "cpu",
+    assert main(["search", "--out", str(out), "--candidates", "6", "--space", space_file, "--device", "cpu",
                  *FAST]) == 0
     pareto = json.loads((out / "pareto.json").read_text())
     with open(out / "evaluated.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == pareto["evaluated"] == 8
+    assert len(rows) == pareto["evaluated"] == 6
     assert pareto["front"] and sum(r["on_front"] == "True" for r in rows) == len(pareto["front"])
     # the front is non-dominated over the CSV's own numbers (proxy up, latency and memory down)
-    pts = np.array([[float(r["non_embedding"]), -float(r["decode_ms"]), -float(r["peak_memory_mb"])] for r in rows])
+    proxy = pareto["proxy"]
+    assert pareto["objectives"] == [proxy, "decode_ms", "peak_memory_mb"]
+    pts = np.array([[float(r[proxy]), -float(r["decode_ms"]), -float(r["peak_memory_mb"])] for r in rows])
     for r, p in zip(rows, pts):
         dominated = any((q >= p).all() and (q > p).any() for q in pts)
         assert (r["on_front"] == "True") == (not dominated)
@@ -49,22 +51,22 @@ def test_search_writes_front_configs_csv_and_plot(tmp_path, space_file, capsys):
     for member in pareto["front"]:
         config = ModuleFormerConfig.from_json_file(str(out / member["config"]))
         assert config.n_layer == member["row"]["n_layer"]
-        assert parameter_counts(config)["non_embedding"] == member["objectives"]["non_embedding"]
+        assert parameter_counts(config)[proxy] == member["objectives"][proxy]
         recipe = load_recipe("tiny", ["model=" + (out / member["config"]).read_text()])
         assert recipe["model"]["n_embd"] == config.n_embd
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # a second run with a larger budget resumes: the first 8 come from the cache
-    assert main(["search", "--out", str(out), "--candidates", "10", "--space", space_file, *FAST]) == 0
-    assert json.loads((out / "pareto.json").read_text())["cache_hits"] == 8
-    assert "(8 from the cache)" in capsys.readouterr().out
+    # a second run with a larger budget resumes: the first 6 come from the cache
+    assert main(["search", "--out", str(out), "--candidates", "8", "--space", space_file, *FAST]) == 0
+    assert json.loads((out / "pareto.json").read_text())["cache_hits"] == 6
+    assert "(6 from the cache)" in capsys.readouterr().out
 
 
 def test_search_with_exits_and_pruning(tmp_path, space_file):
     out = tmp_path / "run"
-    assert main(["search", "--out", str(out), "--candidates", "5", "--space", space_file, "--exits", "--pruning",
+    assert main(["search", "--out", str(out), "--candidates", "4", "--space", space_file, "--exits", "--pruning",
                  *FAST]) == 0
     pareto = json.loads((out / "pareto.json").read_text())
-    assert "exit_decode_ms" in pareto["objectives"] and "exit_non_embedding" in pareto["objectives"]
+    assert pareto["objectives"][3:] == [f"exit_{pareto['proxy']}", "exit_decode_ms"]
     for member in pareto["front"]:
         row = member["row"]
         assert len(row["exit_decode_ms_by_layer"]) == row["n_layer"]
