@@ -81,6 +81,8 @@ def test_invalid_space_is_a_clear_cli_error(tmp_path, capsys):
     path.write_text(json.dumps(bad))
     assert main(["search", "--out", str(tmp_path / "x"), "--space", str(path), *FAST]) == 2
     assert "k_att choice(s) [8] exceed every n_att_experts choice" in capsys.readouterr().err
+    assert main(["search", "--out", str(tmp_path / "x"), "--candidates", "0", *FAST]) == 2
+    assert "--candidates (0)" in capsys.readouterr().err
 
 
 def test_measure_reports_weights_and_positive_latencies():

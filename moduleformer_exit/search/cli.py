@@ -60,12 +60,16 @@ def run_search(args: argparse.Namespace) -> int:
     except (SearchSpaceError, OSError) as error:
         print(f"error: invalid search space: {error}", file=sys.stderr)
         return 2
-    settings = MeasureSettings(device=args.device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                               warmup=args.warmup, repeats=args.repeats, threads=args.threads, seed=args.seed)
+    try:
+        settings = MeasureSettings(device=args.device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                   warmup=args.warmup, repeats=args.repeats, threads=args.threads, seed=args.seed)
+        evolution = EvolutionSettings(candidates=args.candidates, init_num_models=args.init,
+                                      max_iterations=args.iterations, mutation_prob=args.mutation_prob,
+                                      num_crossovers=args.crossovers, num_random_mix=args.random_mix, seed=args.seed)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     constraints = Constraints(args.max_latency_ms, args.max_memory_mb, args.max_params)
-    evolution = EvolutionSettings(candidates=args.candidates, init_num_models=args.init,
-                                  max_iterations=args.iterations, mutation_prob=args.mutation_prob,
-                                  num_crossovers=args.crossovers, num_random_mix=args.random_mix, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     # The cache is valid for one device / measurement setting / space (fixed fields change the model) only.
     key_text = json.dumps({"measure": asdict(settings), "fixed": space.fixed, "exits": args.exits,

@@ -73,7 +73,9 @@ class EvolutionSettings:
 
     def __post_init__(self) -> None:
         if self.candidates < 1 or self.init_num_models < 1:
-            raise ValueError("candidates and init_num_models must be >= 1")
+            raise ValueError(f"--candidates ({self.candidates}) and --init ({self.init_num_models}) must be >= 1")
+        if not 0 <= self.mutation_prob <= 1:
+            raise ValueError(f"--mutation-prob must be in [0, 1], got {self.mutation_prob}")
 
 
 # evaluate(arch, cached_measurement_or_None) -> (row, measured_or_None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -92,12 +91,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """The forward keyword that takes the cache (``cache`` on transformers >= 5.24 models, else
-    ``past_key_values``)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 class _BlockTimer:
     """Forward hooks that record when each block of the decoder finishes (``ends[i]``, perf_counter seconds)."""
 
@@ -118,7 +111,7 @@ class _BlockTimer:
 
 
 @torch.inference_mode()
-def _one_round(model, prompt: torch.Tensor, new_tokens: int, cache_kw: str, timer: Optional[_BlockTimer],
+def _one_round(model, prompt: torch.Tensor, new_tokens: int, timer: Optional[_BlockTimer],
                device: torch.device) -> tuple[float, float, list[list[float]]]:
     """Prefill + greedy decode; returns (prefill s, decode s per token, per-step per-block elapsed s)."""
     from transformers.cache_utils import DynamicCache
@@ -126,7 +119,7 @@ def _one_round(model, prompt: torch.Tensor, new_tokens: int, cache_kw: str, time
     cache = DynamicCache(config=model.config)
     _sync(device)
     start = time.perf_counter()
-    logits = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits
+    logits = model(input_ids=prompt, use_cache=True, logits_to_keep=1, cache=cache).logits
     _sync(device)
     prefill = time.perf_counter() - start
     token = logits[:, -1:].argmax(-1)
@@ -134,7 +127,7 @@ def _one_round(model, prompt: torch.Tensor, new_tokens: int, cache_kw: str, time
     decode_start = time.perf_counter()
     for _ in range(new_tokens):
         step_start = time.perf_counter()
-        logits = model(input_ids=token, use_cache=True, **{cache_kw: cache}).logits
+        logits = model(input_ids=token, use_cache=True, cache=cache).logits
         token = logits[:, -1:].argmax(-1)
         if timer is not None:
             steps.append([end - step_start for end in timer.ends])
@@ -170,12 +163,10 @@ def measure_config(config: ModuleFormerConfig, settings: MeasureSettings, exits:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     prompt = torch.randint(0, config.vocab_size, (1, settings.prompt_len), device=device)
-    cache_kw = None
     with _PeakMemory(device) as memory:
         model = ModuleFormerForCausalLM(config).to(device).eval()
-        cache_kw = _cache_kwarg(model)
         timer = _BlockTimer(model.transformer.h, device) if exits else None
-        rounds = [_one_round(model, prompt, settings.new_tokens, cache_kw, timer, device)
+        rounds = [_one_round(model, prompt, settings.new_tokens, timer, device)
                   for _ in range(settings.warmup + settings.repeats)][settings.warmup:]
     if timer is not None:
         timer.remove()
