@@ -24,6 +24,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .accounting import flops_per_token, parameter_counts
 from .attention import ModuleFormerAttention
 from .configuration import ModuleFormerConfig
 from .gates import TopKGating
@@ -130,6 +131,27 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(ModuleFormerAttention, index=3),
         "router_logits": OutputRecorder(ModuleFormerBlock, index=2),
     }
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False,
+                       active: bool = False) -> int:
+        """Parameter count. ``active=False``: transformers' count of this model's parameters (``exclude_embeddings``
+        drops ``wte``). ``active=True``: the parameters one token's forward reads (the k_att / k_mlp selected
+        experts of each layer, every router, K/V, norms, ``wte`` and ``lm_head``; exit heads not included), from
+        :func:`moduleformer_exit.accounting.parameter_counts`; ``exclude_embeddings`` then drops ``wte`` and
+        ``lm_head`` (nanoGPT's non-embedding count)."""
+        if not active:
+            return super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        if only_trainable:
+            raise ValueError("num_parameters(active=True) counts what a token reads; only_trainable does not apply.")
+        counts = parameter_counts(self.config)
+        return counts["active_non_embedding"] if exclude_embeddings else counts["active"]
+
+    def flops_per_token(self, context_length: int, training: bool = False) -> int:
+        """FLOPs of one token attending over ``context_length`` keys: the forward (2 x multiply-adds of the active
+        path incl. attention and ``lm_head``), or forward + backward (3x) with ``training=True``. For MFU divide
+        ``tokens_per_second * flops_per_token(...)`` by the device's peak FLOP/s."""
+        flops = flops_per_token(self.config, context_length)
+        return flops["training"] if training else flops["forward"]
 
     def _init_weights(self, module: nn.Module) -> None:
         """HF init for Linear / Embedding / LayerNorm (normal(0, initializer_range), ones, zeros) plus IBM's init for

@@ -106,3 +106,25 @@ def test_flops_hand_computed_and_attention_grows_with_context():
         assert flops["training_6n"] == 6 * 3040
     with pytest.raises(ValueError, match="context_length"):
         flops_per_token(config, 0)
+
+
+def test_model_methods_expose_the_accounting(tiny_config):
+    """``num_parameters(active=...)`` / ``flops_per_token`` on the model agree with a count over its modules."""
+    from moduleformer_exit import ModuleFormerForCausalLM
+
+    config = tiny_config()
+    model = ModuleFormerForCausalLM(config)
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    experts = {n: p for n, p in model.named_parameters() if n.endswith("experts.weight")}
+    # every expert tensor [E, in, out] is read for k of its E experts; everything else is read whole
+    k_of = {"q_proj": config.k_att, "mlpf": config.k_mlp}
+    active = sum(p.numel() for n, p in model.named_parameters() if n not in experts)
+    for name, p in experts.items():
+        k = k_of["q_proj" if ".q_proj." in name else "mlpf"]
+        active += p.numel() // p.shape[0] * k
+    assert model.num_parameters(active=True) == active
+    embeddings = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
+    assert model.num_parameters(active=True, exclude_embeddings=True) == active - embeddings
+    assert model.flops_per_token(16, training=True) == 3 * model.flops_per_token(16)
+    with pytest.raises(ValueError, match="only_trainable"):
+        model.num_parameters(only_trainable=True, active=True)
