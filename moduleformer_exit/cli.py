@@ -219,6 +219,9 @@ TRAINING_COMMANDS = (
     ("finetune", "finetune", "fine-tune a checkpoint with the HF Trainer (causal LM or classification; DeepSpeed, "
                              "LoRA optional)"),
     ("train-exits", "exits", "train exit heads on a frozen base; per-exit perplexity before and after"),
+    ("usage", "expert_usage", "expert usage (counts, gate mass, contribution) on text files -> usage.json + heatmap"),
+    ("prune", "expert_prune", "prune experts by a criterion and budget -> a smaller checkpoint + pruning.json"),
+    ("extend", "extend", "add experts and train only them on new data (DeepSpeed), old experts frozen"),
 )
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..moe import MoE, ParallelExperts
+from ..moe import MoE
 from .layers import KINDS, backbone_config, moe_layers
 
 Keep = Mapping[str, Optional[Sequence[Sequence[int]]]]  # {"att": per-layer kept ids or None, "mlp": ...}

@@ -10,7 +10,6 @@ from torch import Tensor
 
 Budget = Union[float, int]
 SCORE_CRITERIA = {"frequency": "counts", "gate-mass": "gate_mass", "contribution": "contribution"}
-CRITERIA = ("frequency", "gate-mass", "contribution", "reconstruction", "random")
 
 
 def parse_budget(text: str) -> Budget:
