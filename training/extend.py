@@ -90,7 +90,7 @@ def train_steps(model: nn.Module, blocks: torch.Tensor, steps: int, batch_size: 
         if mask is not None:
             mask.decay_new_slices(optimizer.param_groups[0]["lr"], weight_decay)
         engine.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -143,7 +143,8 @@ def run_extension(model_dir: str, data: Sequence[str], out: str, add_mlp: int = 
     if not full:
         add_experts(model, n_att=add_att, n_mlp=add_mlp, init=init, seed=seed)
         mask = freeze_old_experts(model, old_counts)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = (sum((p.shape[0] - n_old) * p[0].numel() for p, n_old in mask.frozen_rows) if mask is not None
+                 else sum(p.numel() for p in model.parameters()))
     start = time.perf_counter()
     losses = train_steps(model, train, steps, batch_size, lr, weight_decay, mask, seed, progress)
     seconds = time.perf_counter() - start
