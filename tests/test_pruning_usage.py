@@ -154,3 +154,34 @@ def test_reconstruction_matches_brute_force(tiny_model):
     greedy, greedy_info = reconstruction_keep(model, [(x, mask)], {"mlp": [3, 3]}, max_combinations=1)
     assert all(i["search"] == "greedy" for i in greedy_info["mlp"])
     assert all(g["error"] >= e["error"] - 1e-9 for g, e in zip(greedy_info["mlp"], info["mlp"]))
+
+
+def test_loss_scores_sum_over_exit_heads(tiny_config):
+    """Leave-one-out score with heads='all' = rise of (original head + exit) loss when one expert is masked."""
+    from moduleformer_exit import MultiExitConfiguration, MultiExitModuleFormer
+    from moduleformer_exit.pruning.plan import loss_scores
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.lm_head_layer_indices = [1]
+    model = MultiExitModuleFormer(config, multi_exit_config=MultiExitConfiguration()).eval()
+    blocks = torch.randint(3, 97, (4, 6))
+    scores = loss_scores(model, blocks, ["mlp"], heads="all", batch_size=4)
+    ce = torch.nn.functional.cross_entropy
+
+    def heads_loss():
+        with torch.no_grad():
+            out = model(blocks, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states  # [0] embeddings, [1] block 1, ..., [-1] final LayerNorm output
+        final = model.lm_head(hidden[-1]).detach().float()
+        exit1 = model.name_to_lm_exit_head["lm_head_1"](model.transformer.ln_f(hidden[1])).detach().float()
+        return sum(float(ce(z[:, :-1].reshape(-1, 97), blocks[:, 1:].reshape(-1))) for z in (final, exit1))
+
+    base = heads_loss()
+    gate = model.transformer.h[1].mlpf.gate
+    original = gate.compute_logits
+    for e in (0, 3):
+        gate.compute_logits = lambda x, e=e: original(x).index_fill(1, torch.tensor([e]), float("-inf"))
+        want = heads_loss() - base
+        del gate.compute_logits
+        assert abs(float(scores["mlp"][1][e]) - want) < 1e-4
