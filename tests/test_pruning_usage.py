@@ -178,10 +178,10 @@ def test_loss_scores_sum_over_exit_heads(tiny_config):
         return sum(float(ce(z[:, :-1].reshape(-1, 97), blocks[:, 1:].reshape(-1))) for z in (final, exit1))
 
     base = heads_loss()
-    gate = model.transformer.h[1].mlpf.gate
+    gate = model.transformer.h[0].mlpf.gate  # block 0 feeds the exit at layer 1 too
     original = gate.compute_logits
     for e in (0, 3):
         gate.compute_logits = lambda x, e=e: original(x).index_fill(1, torch.tensor([e]), float("-inf"))
         want = heads_loss() - base
         del gate.compute_logits
-        assert abs(float(scores["mlp"][1][e]) - want) < 1e-4
+        assert abs(float(scores["mlp"][0][e]) - want) < 1e-4
