@@ -70,9 +70,22 @@ def _ppl(model, blocks) -> dict:
     return heldout_perplexities(model, blocks, batch_size=8)
 
 
+def criterion_scores(model, criterion: str, calib) -> list:
+    """Per-layer MLP expert scores of a score criterion on ``calib`` (loss criteria on its first 16 blocks)."""
+    from moduleformer_exit.pruning import collect_expert_usage
+    from moduleformer_exit.pruning.plan import loss_scores
+    from moduleformer_exit.pruning.select import SCORE_CRITERIA
+
+    if criterion.startswith("loss"):
+        heads = "all" if criterion == "loss-all-heads" else "final"
+        return loss_scores(model, calib[:16], ["mlp"], heads=heads)["mlp"]
+    usage = collect_expert_usage(model, [calib[i:i + 8] for i in range(0, len(calib), 8)], progress=False)
+    return usage.scores(SCORE_CRITERIA[criterion], "mlp")
+
+
 def pruning_curve(base, calib, heldout, run_dir: str, quick: bool, progress=print) -> list[dict]:
     """Section 1 rows: criterion, keep, ppl (final head), exits' ppl, parameters, checkpoint bytes, decode tok/s."""
-    from moduleformer_exit.pruning import choose_keep, expert_counts, prune_experts
+    from moduleformer_exit.pruning import choose_keep, expert_counts, prune_experts, select_by_scores
     from moduleformer_exit.pruning.io import num_parameters, save_checkpoint
 
     rows = []
@@ -84,6 +97,7 @@ def pruning_curve(base, calib, heldout, run_dir: str, quick: bool, progress=prin
     shutil.rmtree(ckpt)
     speed = {}
     experts, top_k = min(expert_counts(base)["mlp"]), base.config.k_mlp
+    scores: dict = {}
     for fraction in FRACTIONS:
         if int(fraction * experts + 0.5) < top_k:
             progress(f"  keep {fraction:.2f}: skipped (fewer than k={top_k} of {experts} experts per layer)")
@@ -96,10 +110,12 @@ def pruning_curve(base, calib, heldout, run_dir: str, quick: bool, progress=prin
             for seed in seeds:
                 model = copy.deepcopy(base)
                 if fraction < 1.0:
-                    name = "loss" if criterion.startswith("loss") else criterion
-                    heads = "all" if criterion == "loss-all-heads" else "final"
-                    keep, _ = choose_keep(model, name, {"mlp": fraction}, calib[: 16 if name == "loss" else None],
-                                          heads=heads, seed=seed)
+                    if criterion in ("random", "reconstruction"):
+                        keep, _ = choose_keep(model, criterion, {"mlp": fraction}, calib, seed=seed)
+                    else:  # score criteria: scores measured once on the unpruned model, reused for every budget
+                        if criterion not in scores:
+                            scores[criterion] = criterion_scores(base, criterion, calib)
+                        keep = {"mlp": select_by_scores(scores[criterion], fraction, top_k), "att": None}
                     prune_experts(model, keep)
                 results.append(_ppl(model, heldout))
             ppl = {k: sum(r[k] for r in results) / len(results) for k in results[0]}
