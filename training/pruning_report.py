@@ -225,7 +225,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the report runs, not its figures")
     p.add_argument("--steps", type=int, help="fine-tune / extension steps (default 60; quick 3)")
     p.add_argument("--force", action="store_true", help="rerun even if RUN_DIR/report.json exists")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = os.path.join(args.run_dir, "report.json")
     if args.force or not os.path.exists(path):
         run(ensure_model(args.model, args.cache_dir, args.quick), args.run_dir, args.quick, args.steps)

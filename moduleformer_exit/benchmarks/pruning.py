@@ -15,10 +15,12 @@ SPECIALISATION_COLUMNS = [("setting", ""), ("ppl_python", ".2f")]
 EXTENSION_COLUMNS = [("model", ""), ("ppl_python", ".2f"), ("ppl_austen", ".2f"), ("trainable", ",d")]
 
 
-def bench_pruning(run_dir: str, model: Optional[str] = None, quick: bool = False, force: bool = False) -> dict:
+def bench_pruning(run_dir: str, model: Optional[str] = None, quick: bool = False, force: bool = False,
+                  threads: Optional[int] = None) -> dict:
     """Run (or reuse) the report in ``run_dir``; returns ``report.json`` with ``exit_ppl`` strings on curve rows."""
     cmd = [sys.executable, "-m", "moduleformer_exit.training.pruning_report", "--run-dir", run_dir]
     cmd += (["--model", model] if model else []) + (["--quick"] if quick else []) + (["--force"] if force else [])
+    cmd += ["--threads", str(threads)] if threads else []
     subprocess.run(cmd, check=True)
     with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as handle:
         report = json.load(handle)
@@ -30,7 +32,7 @@ def bench_pruning(run_dir: str, model: Optional[str] = None, quick: bool = False
 def run_pruning_section(args, table) -> list[dict]:
     """The CLI section: run the report (``--pruning-model`` / ``--pruning-run-dir``) and print its three tables."""
     run_dir = args.pruning_run_dir or ("runs/bench-pruning-quick" if args.quick else "runs/bench-pruning")
-    report = bench_pruning(run_dir, args.pruning_model, args.quick)
+    report = bench_pruning(run_dir, args.pruning_model, args.quick, threads=args.threads)
     table(f"Held-out ppl (Austen) vs MLP experts kept, per criterion (random: mean of 3 seeds); {report['model']}",
           CURVE_COLUMNS, report["curve"])
     table("Specialisation: fully fine-tuned on Python source, then pruned to 50 % of MLP experts",
