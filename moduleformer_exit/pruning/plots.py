@@ -29,6 +29,8 @@ def usage_heatmap(usage, path: str, statistic: str = "counts") -> str:
             total = sum(r) or 1.0
             grid[i, : len(r)] = np.asarray(r) / total
         image = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(width))
+        ax.set_yticks(range(len(rows)))
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
         ax.set_title(f"{title}: {statistic} share")
@@ -41,11 +43,13 @@ def usage_heatmap(usage, path: str, statistic: str = "counts") -> str:
 
 
 def perplexity_vs_keep(rows: Sequence[dict], path: str, title: str) -> str:
-    """Line plot: ``rows`` with ``criterion``, ``keep`` (fraction) and ``ppl`` keys."""
+    """Line plot: ``rows`` with ``criterion``, ``keep`` (fraction) and ``ppl`` keys; a ``criterion="none"`` row (the
+    unpruned model) is the first point of every line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for criterion in dict.fromkeys(r["criterion"] for r in rows):
-        pts = sorted((r["keep"], r["ppl"]) for r in rows if r["criterion"] == criterion)
+    start = [(r["keep"], r["ppl"]) for r in rows if r["criterion"] == "none"]  # the unpruned model starts each line
+    for criterion in dict.fromkeys(r["criterion"] for r in rows if r["criterion"] != "none"):
+        pts = sorted(start + [(r["keep"], r["ppl"]) for r in rows if r["criterion"] == criterion])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=criterion)
     ax.set_xlabel("fraction of MLP experts kept")
     ax.set_ylabel("held-out perplexity (final head)")
