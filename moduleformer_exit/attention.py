@@ -51,7 +51,7 @@ class ModuleFormerAttention(nn.Module):
         self.q_proj = MoE(
             input_size=config.n_embd,
             head_size=config.att_hidden,
-            num_experts=config.n_att_experts,
+            num_experts=config.att_experts_at(layer_idx),
             top_k=config.k_att,
             bias=False,
             gating_dropout=config.moe_pdrop,

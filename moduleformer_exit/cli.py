@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-BENCH_SECTIONS = ("moe", "attention", "decode", "acd", "training")
+BENCH_SECTIONS = ("moe", "attention", "decode", "acd", "training", "pruning")
 
 
 def _table(title: str, columns: Sequence[tuple[str, str]], rows: list[dict]) -> None:
@@ -98,6 +98,10 @@ def run_bench(args: argparse.Namespace) -> int:
         _table("Training step: DeepSpeed ZeRO stages vs a plain PyTorch loop, same model and batch (1 process)",
                [("mode", ""), ("stage", ""), ("step_ms", ".1f"), ("tokens_per_s", ",.0f"), ("overhead_pct", "+.1f"),
                 ("peak_rss_mb", ".0f"), ("peak_delta_mb", ".0f")], results["training"])
+    if "pruning" in sections:
+        from .benchmarks.pruning import run_pruning_section
+
+        results["pruning"] = run_pruning_section(args, _table)
     if args.device == "cuda":
         run_cuda_bench(args, results)
     if args.json:
@@ -188,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="also write the rows to this JSON file")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                        help="cuda: also run the GPU kernel rows (Triton experts, stick-breaking, training step)")
+    bench.add_argument("--pruning-model", help="pruning: trained ModuleFormer dir (default: train + cache a recipe)")
+    bench.add_argument("--pruning-run-dir", help="pruning: run directory, reused when finished")
     bench.set_defaults(func=run_bench)
     gen = sub.add_parser("generate", help="generate text (original head, one exit with --exit, or ACD with --contrast)")
     gen.add_argument("prompt")
@@ -230,6 +236,9 @@ TRAINING_COMMANDS = (
     ("finetune", "finetune", "fine-tune a checkpoint with the HF Trainer (causal LM or classification; DeepSpeed, "
                              "LoRA optional)"),
     ("train-exits", "exits", "train exit heads on a frozen base; per-exit perplexity before and after"),
+    ("usage", "expert_usage", "expert usage (counts, gate mass, contribution) on text files -> usage.json + heatmap"),
+    ("prune", "expert_prune", "prune experts by a criterion and budget -> a smaller checkpoint + pruning.json"),
+    ("extend", "extend", "add experts and train only them on new data (DeepSpeed), old experts frozen"),
 )
 
 

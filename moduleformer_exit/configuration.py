@@ -21,6 +21,9 @@ class ModuleFormerConfig(PretrainedConfig):
     attention experts (total / per token), ``n_mlp_experts`` / ``k_mlp`` MLP experts, ``gate_type`` in
     ``mlp|linear|gmm`` with hidden width ``gating_size``, ``sample_topk`` of the k experts sampled in training,
     ``aux_loss_type`` in ``mi|switch`` added to the LM loss with ``aux_loss_weight`` (only if > 0).
+    ``n_att_experts`` / ``n_mlp_experts`` are an int (IBM's form: the same count in every layer) or a list with one
+    count per layer (pruned models); a list whose counts are all equal is stored as the int, so a uniformly pruned
+    checkpoint keeps IBM's form. Read one layer's count with :meth:`att_experts_at` / :meth:`mlp_experts_at`.
     ``block_size`` / ``history_length`` are kept for compatibility only: the context length is not limited (there are
     no position embeddings and the KV cache is never truncated). ``attn_pdrop`` and ``layer_norm_epsilon`` are stored
     but, as in the original, unused (LayerNorms use torch's default eps, which equals the default 1e-5).
@@ -123,23 +126,49 @@ class ModuleFormerConfig(PretrainedConfig):
         """Size of one attention head: ``att_hidden // n_head``."""
         return self.att_hidden // self.n_head
 
+    def att_experts_at(self, layer: int) -> int:
+        """Number of attention experts of block ``layer`` (``n_att_experts`` as an int or its ``layer`` entry)."""
+        return _count_at(self.n_att_experts, layer)
+
+    def mlp_experts_at(self, layer: int) -> int:
+        """Number of MLP experts of block ``layer`` (``n_mlp_experts`` as an int or its ``layer`` entry)."""
+        return _count_at(self.n_mlp_experts, layer)
+
+    def set_expert_counts(self, att: int | list[int] | None = None, mlp: int | list[int] | None = None) -> None:
+        """Set per-layer (or uniform) expert counts after pruning / extension; uniform lists become ints. Validated."""
+        if att is not None:
+            self.n_att_experts = att
+        if mlp is not None:
+            self.n_mlp_experts = mlp
+        self.validate_moduleformer()
+
     def validate_moduleformer(self) -> None:
         """Raise ``ValueError`` naming the field and the fix if the configuration cannot build a model."""
         for name in ("vocab_size", "n_embd", "n_layer", "n_head", "att_hidden", "ffd_hidden", "gating_size",
-                     "n_att_experts", "k_att", "n_mlp_experts", "k_mlp"):
+                     "k_att", "k_mlp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModuleFormerConfig.{name} must be a positive integer, got {value!r}.")
+        for name in ("n_att_experts", "n_mlp_experts"):
+            counts = getattr(self, name)
+            if isinstance(counts, tuple):
+                counts = list(counts)
+            _check_counts(name, counts, self.n_layer)
+            setattr(self, name, _uniform_to_int(counts))
         if self.att_hidden % self.n_head != 0:
             raise ValueError(
                 f"ModuleFormerConfig.att_hidden ({self.att_hidden}) must be divisible by n_head ({self.n_head}): "
                 f"each attention expert splits att_hidden into n_head heads. Choose att_hidden as a multiple of n_head."
             )
         for k_name, e_name in (("k_att", "n_att_experts"), ("k_mlp", "n_mlp_experts")):
-            if getattr(self, k_name) > getattr(self, e_name):
+            counts = getattr(self, e_name)
+            fewest = min(counts) if isinstance(counts, list) else counts
+            if getattr(self, k_name) > fewest:
+                where = (f" in layer {counts.index(fewest)}" if isinstance(counts, list) else "")
                 raise ValueError(
                     f"ModuleFormerConfig.{k_name} ({getattr(self, k_name)}) is larger than {e_name} "
-                    f"({getattr(self, e_name)}): a token cannot use more experts than exist. Lower {k_name} or add experts."
+                    f"({fewest}{where}): a token cannot use more experts than exist. Lower {k_name} or keep at "
+                    f"least {k_name} experts in every layer."
                 )
         if isinstance(self.sample_topk, bool) or not isinstance(self.sample_topk, int) or self.sample_topk < 0:
             raise ValueError(f"ModuleFormerConfig.sample_topk must be an integer >= 0, got {self.sample_topk!r}.")
@@ -169,6 +198,37 @@ class ModuleFormerConfig(PretrainedConfig):
             raise ValueError(
                 f"ModuleFormerConfig.kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}."
             )
+
+
+def _uniform_to_int(counts: Any) -> Any:
+    """A per-layer list whose entries are all equal becomes that int (IBM's form); anything else is kept as is."""
+    if isinstance(counts, (list, tuple)):
+        counts = list(counts)
+        if counts and all(type(c) is int for c in counts) and len(set(counts)) == 1:
+            return counts[0]
+    return counts
+
+
+def _check_counts(name: str, counts: Any, n_layer: int) -> None:
+    """Expert counts: a positive int, or a list of ``n_layer`` positive ints."""
+    if isinstance(counts, list):
+        if len(counts) != n_layer:
+            raise ValueError(
+                f"ModuleFormerConfig.{name} has {len(counts)} per-layer counts but n_layer is {n_layer}: give one "
+                f"count per layer, or a single int for all layers."
+            )
+        bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, int) or c <= 0]
+        if bad:
+            raise ValueError(f"ModuleFormerConfig.{name} per-layer counts must be positive integers, got {counts!r}.")
+        return
+    if isinstance(counts, bool) or not isinstance(counts, int) or counts <= 0:
+        raise ValueError(
+            f"ModuleFormerConfig.{name} must be a positive integer or a list of one per layer, got {counts!r}."
+        )
+
+
+def _count_at(counts: int | list[int], layer: int) -> int:
+    return counts[layer] if isinstance(counts, list) else counts
 
 
 def bundled_config_path(name: str) -> str:

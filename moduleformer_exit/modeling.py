@@ -45,7 +45,8 @@ class ModuleFormerModelOutput(MoeModelOutputWithPast):
 
     ``hidden_states`` has n_layer + 1 entries: [0] the embeddings, [k] the output of block k, and the last one the
     output of the final LayerNorm (so ``lm_head(hidden_states[-1]) == logits``). ``router_logits`` is a tuple with one
-    ``(attention_router_logits [B*T, n_att_experts], mlp_router_logits [B*T, n_mlp_experts])`` pair per block.
+    ``(attention_router_logits [B*T, E_att], mlp_router_logits [B*T, E_mlp])`` pair per block (that block's
+    expert counts, ``config.att_experts_at(i)`` / ``config.mlp_experts_at(i)``).
     ``attentions``: one ``[B, k_att * n_head, T, S]`` float32 tensor per block (see :class:`ModuleFormerAttention`).
     The cache is the field transformers names it (``cache`` on >= 5.24, ``past_key_values`` before).
     """
@@ -78,7 +79,7 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
         self.mlpf = MoE(
             input_size=config.n_embd,
             head_size=config.ffd_hidden,
-            num_experts=config.n_mlp_experts,
+            num_experts=config.mlp_experts_at(layer_idx),
             top_k=config.k_mlp,
             bias=False,
             activation=get_activation(config.activation_function),
