@@ -2,7 +2,8 @@
 
 Counts follow the modules exactly (``modeling.py``, ``attention.py``, ``moe.py``, ``gates.py``), for the causal-LM
 model (``ModuleFormerForCausalLM``: ``transformer.wte``, ``transformer.h.*``, ``transformer.ln_f``, ``lm_head``). Per
-block, with width d, attention-expert width a, MLP-expert width f, E_a / E_m experts and router width g:
+block, with width d, attention-expert width a, MLP-expert width f, E_a / E_m experts (per layer: pruned models have
+one count per layer) and router width g:
 
 - ``ln_1``, ``ln_2``: 2d each (weight + bias);
 - ``attn.q_proj``: query experts ``[E_a, d, a]`` and output experts ``[E_a, a, d]`` (no bias), plus a router;
@@ -52,11 +53,14 @@ def parameter_counts(config: ModuleFormerConfig) -> dict[str, int]:
     embedding = config.vocab_size * d * (1 if config.tie_word_embeddings else 2)
     att_expert = 2 * d * a  # one attention expert: query map [d, a] + output map [a, d]
     mlp_expert = 2 * d * f
-    routers = n_layer * (_router_params(config, config.n_att_experts) + _router_params(config, config.n_mlp_experts))
+    att_counts = [config.att_experts_at(i) for i in range(n_layer)]  # per-layer counts (pruned models)
+    mlp_counts = [config.mlp_experts_at(i) for i in range(n_layer)]
+    routers = sum(_router_params(config, e_att) + _router_params(config, e_mlp)
+                  for e_att, e_mlp in zip(att_counts, mlp_counts))
     kv = 0 if _kv_identity(config) else n_layer * 2 * (d * a + a)
     norms = n_layer * 4 * d + 2 * d  # ln_1 + ln_2 per block, ln_f
-    attention_experts = n_layer * config.n_att_experts * att_expert
-    mlp_experts = n_layer * config.n_mlp_experts * mlp_expert
+    attention_experts = sum(att_counts) * att_expert
+    mlp_experts = sum(mlp_counts) * mlp_expert
     non_embedding = attention_experts + mlp_experts + routers + kv + norms
     active_non_embedding = (n_layer * (config.k_att * att_expert + config.k_mlp * mlp_expert)
                             + routers + kv + norms)
@@ -97,10 +101,11 @@ def flops_per_token(config: ModuleFormerConfig, context_length: int) -> dict[str
         raise ValueError(f"context_length must be a positive integer (keys a token attends to), got {context_length!r}")
     d, a, f = config.n_embd, config.att_hidden, config.ffd_hidden
     kv_macs = 0 if _kv_identity(config) else 2 * d * a
-    per_layer = (_router_macs(config, config.n_att_experts) + _router_macs(config, config.n_mlp_experts)
-                 + config.k_att * 2 * d * a + kv_macs + config.k_mlp * 2 * d * f)
+    routers = sum(_router_macs(config, config.att_experts_at(i)) + _router_macs(config, config.mlp_experts_at(i))
+                  for i in range(config.n_layer))
+    per_layer = config.k_att * 2 * d * a + kv_macs + config.k_mlp * 2 * d * f
     attention_macs = config.n_layer * 2 * config.k_att * a * context_length
-    forward = 2 * (config.n_layer * per_layer + attention_macs + d * config.vocab_size)
+    forward = 2 * (config.n_layer * per_layer + routers + attention_macs + d * config.vocab_size)
     return {
         "forward": forward,
         "forward_attention": 2 * attention_macs,

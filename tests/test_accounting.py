@@ -128,3 +128,18 @@ def test_model_methods_expose_the_accounting(tiny_config):
     assert model.flops_per_token(16, training=True) == 3 * model.flops_per_token(16)
     with pytest.raises(ValueError, match="only_trainable"):
         model.num_parameters(only_trainable=True, active=True)
+
+
+def test_counts_follow_per_layer_expert_counts():
+    """A pruned model (one expert count per layer) is counted from its real modules."""
+    from moduleformer_exit import ModuleFormerForCausalLM
+
+    config = ModuleFormerConfig(vocab_size=50, n_embd=16, n_layer=3, n_head=2, att_hidden=8, ffd_hidden=12,
+                                n_att_experts=[4, 3, 2], k_att=2, n_mlp_experts=[5, 2, 3], k_mlp=2, gating_size=8)
+    model = ModuleFormerForCausalLM(config)
+    counts = parameter_counts(config)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if n.endswith("experts.weight"))
+    assert counts["attention_experts"] + counts["mlp_experts"] == experts
+    routers = sum(p.numel() for n, p in model.named_parameters() if ".gate." in n)
+    assert counts["routers"] == routers
