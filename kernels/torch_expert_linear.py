@@ -1,7 +1,8 @@
 """Torch implementation of the routed expert linear: index gather -> ``F.grouped_mm`` -> scatter / gate combine.
 
-The dispatcher is :func:`kernels.expert_linear.expert_linear` (shapes and semantics there). Forward keeps only the
-grouped input; the backward is hand-written (dW = grouped Xᵀ·dY, dX = grouped dY·Wᵀ, gates folded into dY rows).
+The dispatcher is :func:`kernels.expert_linear.expert_linear` (shapes and semantics there). Forward and backward
+are ``torch.library`` custom ops (traceable by torch.compile / torch.export); the op saves x, weight and gates
+only, and the backward is hand-written (dW = grouped Xᵀ·dY, dX = grouped dY·Wᵀ, gates folded into dY rows).
 Layouts ``F.grouped_mm`` refuses (fp64, feature dims not a multiple of 16 bytes) use a per-expert loop fallback
 that reads the expert counts back to the host.
 """
@@ -25,9 +26,123 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def torch_expert_linear(x: Tensor, weight: Tensor, plan: RoutingPlan, fan_out: int, grouped_in: bool = False,
                         grouped_out: bool = False, gates: Optional[Tensor] = None) -> Tensor:
-    """The torch path of :func:`kernels.expert_linear.expert_linear` (same arguments, positional; same result)."""
+    """The torch path of :func:`kernels.expert_linear.expert_linear` (same arguments, positional; same result).
+
+    Runs as the custom op ``moduleformer::expert_linear`` (with a registered shape function and backward op), so
+    torch.compile and torch.export see one opaque node instead of tracing ``F.grouped_mm`` (whose meta kernel
+    refuses fp32) or a Python autograd Function; the routing plan enters as its tensors."""
     check_expert_linear_args(x, weight, plan, fan_out, grouped_in, gates)
-    return _ExpertLinear.apply(x, weight, gates, plan, fan_out, grouped_in, grouped_out)
+    return torch.ops.moduleformer.expert_linear(x, weight, gates, *_plan_tensors(plan), plan.num_experts, plan.top_k,
+                                                fan_out, grouped_in, grouped_out)
+
+
+def _plan_tensors(plan: RoutingPlan) -> tuple:
+    return (plan.sorted_scattered_idxs, plan.sorted_token_idxs, plan.scattered_to_sorted, plan.expert_offsets_i32,
+            plan.expert_counts)
+
+
+def _plan_of(sorted_scattered_idxs: Tensor, sorted_token_idxs: Tensor, scattered_to_sorted: Tensor,
+             expert_offsets_i32: Tensor, expert_counts: Tensor, num_experts: int, top_k: int) -> RoutingPlan:
+    """The plan fields this path reads, rebuilt from the op's tensor arguments (the int64 ids/offsets unused)."""
+    return RoutingPlan(sorted_expert_idxs=None, sorted_scattered_idxs=sorted_scattered_idxs, expert_offsets=None,
+                       expert_counts=expert_counts, scattered_to_sorted=scattered_to_sorted,
+                       sorted_token_idxs=sorted_token_idxs, expert_offsets_i32=expert_offsets_i32,
+                       num_experts=num_experts, top_k=top_k)
+
+
+def _gathered_input(x: Tensor, plan: RoutingPlan, fan_out: int, grouped_in: bool) -> Tensor:
+    """[P, in] input rows in expert-sorted order."""
+    return x.contiguous() if grouped_in else x.index_select(0, _gather_index(plan, fan_out))
+
+
+@torch.library.custom_op("moduleformer::expert_linear", mutates_args=())
+def _expert_linear_op(x: Tensor, weight: Tensor, gates: Optional[Tensor], sorted_scattered_idxs: Tensor,
+                      sorted_token_idxs: Tensor, scattered_to_sorted: Tensor, expert_offsets_i32: Tensor,
+                      expert_counts: Tensor, num_experts: int, top_k: int, fan_out: int, grouped_in: bool,
+                      grouped_out: bool) -> Tensor:
+    plan = _plan_of(sorted_scattered_idxs, sorted_token_idxs, scattered_to_sorted, expert_offsets_i32,
+                    expert_counts, num_experts, top_k)
+    y_s = _grouped_mm(_gathered_input(x, plan, fan_out, grouped_in), weight, plan)  # [P, out], expert-sorted
+    if gates is not None:
+        g_s = gates.reshape(-1).index_select(0, plan.sorted_scattered_idxs)  # [P] gate of each sorted row
+        y_s.mul_(g_s.unsqueeze(1).to(y_s.dtype))
+        out = y_s.new_zeros(plan.num_tokens, y_s.shape[1])
+        return out.index_add_(0, plan.sorted_token_idxs, y_s)  # combine the k slots of each token
+    if grouped_out:
+        return y_s
+    return y_s.index_select(0, plan.scattered_to_sorted)  # back to token-major order
+
+
+@_expert_linear_op.register_fake
+def _(x, weight, gates, sorted_scattered_idxs, sorted_token_idxs, scattered_to_sorted, expert_offsets_i32,
+      expert_counts, num_experts, top_k, fan_out, grouped_in, grouped_out):
+    pairs = sorted_scattered_idxs.shape[0]
+    rows = pairs // top_k if gates is not None else pairs
+    return x.new_empty(rows, weight.shape[2])
+
+
+@torch.library.custom_op("moduleformer::expert_linear_backward", mutates_args=())
+def _expert_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, gates: Optional[Tensor],
+                               sorted_scattered_idxs: Tensor, sorted_token_idxs: Tensor, scattered_to_sorted: Tensor,
+                               expert_offsets_i32: Tensor, expert_counts: Tensor, num_experts: int, top_k: int,
+                               fan_out: int, grouped_in: bool, grouped_out: bool, need_x: bool, need_w: bool,
+                               need_g: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, dgates); an unneeded gradient is an empty tensor. dW = grouped Xᵀ·dY, dX = grouped dY·Wᵀ, with
+    the gate folded into dY rows: dgate_p = <dY_t, x_p W_e> = <dY_t W_eᵀ, x_p> reuses the dX GEMM's result."""
+    plan = _plan_of(sorted_scattered_idxs, sorted_token_idxs, scattered_to_sorted, expert_offsets_i32,
+                    expert_counts, num_experts, top_k)
+    x_s = _gathered_input(x, plan, fan_out, grouped_in)  # recomputed: the op saves x, not the [P, in] copy
+    has_gates = gates is not None
+    g_s = gates.reshape(-1).index_select(0, plan.sorted_scattered_idxs) if has_gates else None
+    # Grad rows in expert-sorted order (index_select / contiguous also undo zero-stride expanded grads).
+    if has_gates:
+        dy_s = grad_out.index_select(0, plan.sorted_token_idxs)  # [P, out], unscaled by gates
+    elif grouped_out:
+        dy_s = grad_out.contiguous()
+    else:
+        dy_s = grad_out.index_select(0, plan.sorted_scattered_idxs)
+    dx, dw, dg = x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: outputs may not alias
+    if need_x or (need_g and has_gates):
+        dx_s = _grouped_mm(dy_s, weight.transpose(1, 2), plan)  # [P, in] = dY_t W_eᵀ (unscaled)
+        if has_gates:
+            if need_g:
+                dg_s = torch.bmm(dx_s.unsqueeze(1), x_s.unsqueeze(2)).view(-1)  # [P] = <dY_t, x_p W_e>
+                dg = dg_s.index_select(0, plan.scattered_to_sorted).view(plan.num_tokens, plan.top_k).to(gates.dtype)
+            dx_s.mul_(g_s.unsqueeze(1).to(dx_s.dtype))
+        if need_x:
+            dx = _ungroup_input_grad(dx_s, plan, fan_out, grouped_in, x.shape[0])
+    if need_w:
+        if has_gates:
+            dy_s = dy_s * g_s.unsqueeze(1).to(dy_s.dtype)
+        dw = _grouped_mm_wgrad(x_s, dy_s, plan, weight)
+    return dx.contiguous(), dw.contiguous(), dg.contiguous()
+
+
+@_expert_linear_backward_op.register_fake
+def _(grad_out, x, weight, gates, sorted_scattered_idxs, sorted_token_idxs, scattered_to_sorted, expert_offsets_i32,
+      expert_counts, num_experts, top_k, fan_out, grouped_in, grouped_out, need_x, need_w, need_g):
+    dx = x.new_empty(x.shape) if need_x else x.new_empty(0)  # contiguous, as the real op returns them
+    dw = weight.new_empty(weight.shape) if need_w else x.new_empty(0)
+    dg = gates.new_empty(gates.shape) if need_g and gates is not None else x.new_empty(0)
+    return dx, dw, dg
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, gates = inputs[:3]
+    ctx.save_for_backward(x, weight, gates, *inputs[3:8])
+    ctx.static = inputs[8:]
+
+
+def _backward(ctx, grad_out):
+    x, weight, gates, *plan_tensors = ctx.saved_tensors
+    need_x, need_w, need_g = ctx.needs_input_grad[:3]
+    dx, dw, dg = torch.ops.moduleformer.expert_linear_backward(grad_out, x, weight, gates, *plan_tensors,
+                                                               *ctx.static, need_x, need_w, need_g and gates is not None)
+    return (dx if need_x else None, dw if need_w else None, dg if need_g and gates is not None else None,
+            *([None] * 10))
+
+
+_expert_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _gather_index(plan: RoutingPlan, fan_out: int) -> Tensor:
@@ -37,65 +152,6 @@ def _gather_index(plan: RoutingPlan, fan_out: int) -> Tensor:
     if fan_out == 1:
         return plan.sorted_scattered_idxs
     return torch.div(plan.sorted_scattered_idxs, fan_out, rounding_mode="floor")
-
-
-class _ExpertLinear(torch.autograd.Function):
-    """Autograd for the torch path. Forward keeps only the grouped input (and gates); backward is
-    dW = grouped Xᵀ·dY, dX = grouped dY·Wᵀ, with the gate folded into dY rows (no saved output needed:
-    dgate_p = <dY_t, x_p W_e> = <dY_t W_eᵀ, x_p>, which reuses the dX GEMM's result)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, gates, plan, fan_out, grouped_in, grouped_out):
-        if grouped_in:
-            x_s = x.contiguous()
-        else:
-            x_s = x.index_select(0, _gather_index(plan, fan_out))  # [P, in], expert-sorted
-        y_s = _grouped_mm(x_s, weight, plan)  # [P, out], expert-sorted
-        g_s = None
-        if gates is not None:
-            g_s = gates.reshape(-1).index_select(0, plan.sorted_scattered_idxs)  # [P] gate of each sorted row
-            y_s.mul_(g_s.unsqueeze(1).to(y_s.dtype))
-            out = y_s.new_zeros(plan.num_tokens, y_s.shape[1])
-            out.index_add_(0, plan.sorted_token_idxs, y_s)  # combine the k slots of each token
-        elif grouped_out:
-            out = y_s
-        else:
-            out = y_s.index_select(0, plan.scattered_to_sorted)  # back to token-major order
-        ctx.save_for_backward(x_s, weight, g_s)
-        ctx.plan, ctx.fan_out, ctx.grouped_in, ctx.grouped_out = plan, fan_out, grouped_in, grouped_out
-        ctx.x_rows, ctx.has_gates = x.shape[0], gates is not None
-        ctx.gates_dtype = gates.dtype if gates is not None else None
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x_s, weight, g_s = ctx.saved_tensors
-        plan = ctx.plan
-        need_x, need_w, need_g = ctx.needs_input_grad[:3]
-        # Grad rows in expert-sorted order (index_select / contiguous also undo zero-stride expanded grads).
-        if ctx.has_gates:
-            dy_s = grad_out.index_select(0, plan.sorted_token_idxs)  # [P, out], unscaled by gates
-        elif ctx.grouped_out:
-            dy_s = grad_out.contiguous()
-        else:
-            dy_s = grad_out.index_select(0, plan.sorted_scattered_idxs)
-        dx = dw = dg = None
-        if need_x or need_g:
-            dx_s = _grouped_mm(dy_s, weight.transpose(1, 2), plan)  # [P, in] = dY_t W_eᵀ (unscaled)
-            if ctx.has_gates:
-                if need_g:
-                    dg_s = torch.bmm(dx_s.unsqueeze(1), x_s.unsqueeze(2)).view(-1)  # [P] = <dY_t, x_p W_e>
-                    dg = dg_s.index_select(0, plan.scattered_to_sorted).view(plan.num_tokens, plan.top_k)
-                    dg = dg.to(ctx.gates_dtype)
-                dx_s.mul_(g_s.unsqueeze(1).to(dx_s.dtype))
-            if need_x:
-                dx = _ungroup_input_grad(dx_s, plan, ctx.fan_out, ctx.grouped_in, ctx.x_rows)
-        if need_w:
-            if ctx.has_gates:
-                dy_s.mul_(g_s.unsqueeze(1).to(dy_s.dtype))  # dy_s is our own gathered copy
-            dw = _grouped_mm_wgrad(x_s, dy_s, plan, weight)
-        return dx, dw, dg, None, None, None, None
 
 
 def _ungroup_input_grad(dx_s: Tensor, plan: RoutingPlan, fan_out: int, grouped_in: bool, x_rows: int) -> Tensor:

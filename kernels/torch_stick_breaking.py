@@ -35,7 +35,9 @@ How it is evaluated (flash-style, torch ops only):
   (no reversed copies), reverse cumsum by flip/cumsum/flip, plain autograd.
 - Everything is computed in fp32 (fp64 for fp64 inputs) whatever the input dtype; memory is
   O((T*K + S) * H * D + B*H * K*block_size * key_block_size). The autograd path saves q, k, v, the mask and
-  the fp32 output (an extra fp32 copy only for bf16/fp16 inputs).
+  the fp32 output (an extra fp32 copy only for bf16/fp16 inputs). Forward and backward of the blocked path are
+  ``torch.library`` custom ops (``moduleformer::stick_breaking_fwd`` / ``_bwd``), so torch.compile and
+  torch.export trace around them.
 
 Backward (custom autograd Function, memory-linear): recomputes A chunk by chunk in the same order as the forward
 (same carries, so the same A), with
@@ -315,25 +317,60 @@ def _direct(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: floa
     return out.view(B, H, T, K, D).permute(0, 2, 3, 1, 4).contiguous()
 
 
-class _StickBreakingFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, keep, scale, block, key_block, skip):
-        p = _Prepared(q, k, v, keep, scale)
-        out, chunks = _forward(p, block, key_block, skip)
-        ctx.save_for_backward(q, k, v, keep, out)
-        ctx.cfg = (scale, block, key_block, chunks)
-        return out.to(q.dtype)
+# The blocked path as torch.library custom ops (forward, backward), so torch.compile / torch.export see opaque nodes
+# with shape functions instead of a Python autograd Function and data-dependent loops. ``keep`` is [B, S] bool or
+# None; the forward also returns the number of key chunks each row block visited (int64 [row blocks]): the
+# backward walks exactly those.
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, keep, out = ctx.saved_tensors
-        scale, block, key_block, chunks = ctx.cfg
-        p = _Prepared(q, k, v, keep, scale)
-        dq, dk, dv = _backward(p, out, dout, block, key_block, chunks)
-        # dq = scale * dl k; qf = q * scale / ln2, so dk = scale * dl^T q = ln2 * (dl^T qf)
-        dq = (dq * scale).to(q.dtype)
-        dk = (dk * _LN2).to(k.dtype)
-        return dq, dk, dv.to(v.dtype), None, None, None, None, None
+def _num_row_blocks(T: int, block: int) -> int:
+    return -(-T // block)
+
+
+@torch.library.custom_op("moduleformer::stick_breaking_fwd", mutates_args=())
+def _sb_fwd_op(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: float, block: int,
+               key_block: Optional[int], skip: bool) -> tuple[Tensor, Tensor]:
+    p = _Prepared(q, k, v, keep, scale)
+    out, chunks = _forward(p, block, key_block, skip)
+    return out, torch.tensor(chunks, dtype=torch.int64)
+
+
+@_sb_fwd_op.register_fake
+def _(q, k, v, keep, scale, block, key_block, skip):
+    B, T, K, H, D = q.shape
+    return (q.new_empty(B, T, K, H, D, dtype=_compute_dtype(q.dtype)),
+            torch.empty(_num_row_blocks(T, block), dtype=torch.int64))
+
+
+@torch.library.custom_op("moduleformer::stick_breaking_bwd", mutates_args=())
+def _sb_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], out: Tensor, chunks: Tensor,
+               scale: float, block: int, key_block: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    p = _Prepared(q, k, v, keep, scale)
+    dq, dk, dv = _backward(p, out, dout, block, key_block, chunks.tolist())
+    # dq = scale * dl k; qf = q * scale / ln2, so dk = scale * dl^T q = ln2 * (dl^T qf)
+    # contiguous, as the shape function promises (the compiled graph's views rely on the strides)
+    return ((dq * scale).to(q.dtype).contiguous(), (dk * _LN2).to(k.dtype).contiguous(),
+            dv.to(v.dtype).contiguous())
+
+
+@_sb_bwd_op.register_fake
+def _(dout, q, k, v, keep, out, chunks, scale, block, key_block):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _sb_setup_context(ctx, inputs, output):
+    q, k, v, keep, scale, block, key_block, _ = inputs
+    out, chunks = output
+    ctx.save_for_backward(q, k, v, keep, out, chunks)
+    ctx.cfg = (scale, block, key_block)
+
+
+def _sb_backward(ctx, dout, _dchunks):
+    q, k, v, keep, out, chunks = ctx.saved_tensors
+    dq, dk, dv = torch.ops.moduleformer.stick_breaking_bwd(dout.contiguous(), q, k, v, keep, out, chunks, *ctx.cfg)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_sb_fwd_op.register_autograd(_sb_backward, setup_context=_sb_setup_context)
 
 
 def torch_stick_breaking_attention(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor] = None,
@@ -360,9 +397,6 @@ def torch_stick_breaking_attention(q: Tensor, k: Tensor, v: Tensor, attention_ma
             keep = None
     if skip_underflow is None:
         skip_underflow = q.device.type == "cpu"
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _StickBreakingFn.apply(q, k, v, keep, float(scale), int(block_size), key_block_size,
-                                      bool(skip_underflow))
-    with torch.no_grad():
-        p = _Prepared(q, k, v, keep, float(scale))
-        return _forward(p, int(block_size), key_block_size, bool(skip_underflow))[0].to(q.dtype)
+    out, _ = torch.ops.moduleformer.stick_breaking_fwd(q, k, v, keep, float(scale), int(block_size), key_block_size,
+                                                       bool(skip_underflow))
+    return out.to(q.dtype)  # computed (and saved for backward) in fp32 / fp64
