@@ -306,13 +306,20 @@ def _direct(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: floa
     cdt = _compute_dtype(q.dtype)
     qh = q.permute(0, 3, 1, 2, 4).reshape(B, H, T * K, D).to(cdt) * (scale * _INV_LN2)
     L = torch.matmul(qh, k.permute(0, 2, 3, 1).to(cdt)).clamp(-_L_CLAMP, _L_CLAMP)  # [B, H, T*K, S] base-2
-    row_pos = torch.arange(S - T, S, device=q.device).repeat_interleave(K)  # absolute position of each row
-    vis = (torch.arange(S, device=q.device)[None, :] <= row_pos[:, None]).to(cdt)  # [T*K, S] causal
+    vis = None  # T = 1 without a mask (plain decode): every key is visible, so no masking passes at all
+    if T > 1:
+        row_pos = torch.arange(S - T, S, device=q.device).repeat_interleave(K)  # absolute position of each row
+        vis = (torch.arange(S, device=q.device)[None, :] <= row_pos[:, None]).to(cdt)  # [T*K, S] causal
     if keep is not None:
-        vis = vis * keep.to(cdt)[:, None, None, :]  # [B, 1, T*K, S]
-    sp = torch.exp2(L).log1p() * vis  # softplus(l), 0 where invisible: those keys do not break the stick
+        keep_c = keep.to(cdt)[:, None, None, :]  # [B, 1, 1, S]
+        vis = keep_c if vis is None else vis * keep_c  # [B, 1, T*K, S]
+    sp = torch.exp2(L).log1p()  # softplus(l)
+    if vis is not None:
+        sp = sp * vis  # 0 where invisible: those keys do not break the stick
     cs = sp.flip(-1).cumsum(-1).flip(-1)  # sum_{m >= j} (inclusive, towards the diagonal)
-    A = torch.exp2((L - cs * _INV_LN2).clamp(min=_LOGA_MIN)) * vis
+    A = torch.exp2((L - cs * _INV_LN2).clamp(min=_LOGA_MIN))
+    if vis is not None:
+        A = A * vis
     out = torch.matmul(A, v.permute(0, 2, 1, 3).to(cdt))  # [B, H, T*K, D]
     return out.view(B, H, T, K, D).permute(0, 2, 3, 1, 4).contiguous()
 
