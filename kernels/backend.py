@@ -20,7 +20,8 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "KernelCache", "resolve_backend", "triton_available", "triton_interpret", "megablocks_available", "tracing"]
+__all__ = ["BACKENDS", "KernelCache", "resolve_backend", "triton_available", "triton_interpret", "megablocks_available",
+           "tracing"]
 
 BACKENDS = ("auto", "torch", "triton", "megablocks")
 
@@ -111,7 +112,8 @@ def resolve_backend(name: str, *tensors: torch.Tensor | torch.device) -> str:
 class KernelCache:
     """One kernel implementation per device type for a fixed backend name, resolved on first use.
 
-    ``select(backend, device) -> impl`` is a kernel's selector (e.g. :func:`kernels.expert_linear.expert_linear_kernel`).
+    ``select(backend, device) -> impl`` is a kernel's selector (e.g.
+    :func:`kernels.expert_linear.expert_linear_kernel`).
     A module holds one cache per kernel and calls ``cache(device)`` in its forward: a dict lookup, not a resolution.
     Changing the backend name (``cache.backend = ...``) drops the resolved implementations.
     """

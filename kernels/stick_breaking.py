@@ -33,7 +33,8 @@ __all__ = ["stick_breaking_attention", "stick_breaking_kernel"]
 
 
 def _triton_impl(q, k, v, attention_mask=None, scale=None, block_size=64, key_block_size=None, skip_underflow=None):
-    """The Triton kernels with the torch path's signature (the block options are torch-only: Triton tiles are its own)."""
+    """The Triton kernels with the torch path's signature (the block options are torch-only: Triton has its own
+    tiles)."""
     from .triton_stick_breaking import triton_stick_breaking_attention
 
     return triton_stick_breaking_attention(q, k, v, attention_mask, scale=None if scale is None else float(scale))

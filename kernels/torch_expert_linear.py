@@ -137,7 +137,8 @@ def _backward(ctx, grad_out):
     x, weight, gates, *plan_tensors = ctx.saved_tensors
     need_x, need_w, need_g = ctx.needs_input_grad[:3]
     dx, dw, dg = torch.ops.moduleformer.expert_linear_backward(grad_out, x, weight, gates, *plan_tensors,
-                                                               *ctx.static, need_x, need_w, need_g and gates is not None)
+                                                               *ctx.static, need_x, need_w,
+                                                               need_g and gates is not None)
     return (dx if need_x else None, dw if need_w else None, dg if need_g and gates is not None else None,
             *([None] * 10))
 

@@ -81,7 +81,8 @@ def bench_decode_limit(config: Optional[ModuleFormerConfig] = None, batch_sizes:
             prompt = torch.randint(3, config.vocab_size, (batch, prompt_len))
 
             def generate(n: int) -> Callable[[], object]:
-                kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=config.pad_token_id or 0)
+                kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=config.pad_token_id or 0)
 
                 def run():
                     with torch.inference_mode():
