@@ -7,7 +7,8 @@ This package imports only torch (and triton, lazily, for GPU backends). The mode
 - :func:`stick_breaking_attention`: ModuleFormer's stick-breaking attention in O(T*S), chunked.
 """
 from .routing import RoutingPlan, plan_routing
-from .expert_linear import expert_linear
-from .stick_breaking import stick_breaking_attention
+from .expert_linear import expert_linear, expert_linear_kernel
+from .stick_breaking import stick_breaking_attention, stick_breaking_kernel
 
-__all__ = ["RoutingPlan", "plan_routing", "expert_linear", "stick_breaking_attention"]
+__all__ = ["RoutingPlan", "plan_routing", "expert_linear", "expert_linear_kernel", "stick_breaking_attention",
+           "stick_breaking_kernel"]

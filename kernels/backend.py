@@ -20,7 +20,8 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend", "triton_available", "triton_interpret", "megablocks_available", "tracing"]
+__all__ = ["BACKENDS", "KernelCache", "resolve_backend", "triton_available", "triton_interpret", "megablocks_available",
+           "tracing"]
 
 BACKENDS = ("auto", "torch", "triton", "megablocks")
 
@@ -58,18 +59,22 @@ def tracing() -> bool:
 
 
 def _device_type(tensors) -> str:
-    """'cuda' if any given tensor is on CUDA, else the first tensor's device type ('cpu' if none)."""
-    types = [t.device.type for t in tensors if isinstance(t, torch.Tensor)]
+    """'cuda' if any given tensor (or ``torch.device``) is on CUDA, else the first one's device type ('cpu' if none)."""
+    types = [t.device.type if isinstance(t, torch.Tensor) else t.type for t in tensors
+             if isinstance(t, (torch.Tensor, torch.device))]
     if "cuda" in types:
         return "cuda"
     return types[0] if types else "cpu"
 
 
-def resolve_backend(name: str, *tensors: torch.Tensor) -> str:
+def resolve_backend(name: str, *tensors: torch.Tensor | torch.device) -> str:
     """Resolve a backend name for the given tensors to ``"torch"``, ``"triton"`` or ``"megablocks"``.
 
     :param name: one of :data:`BACKENDS` (``"auto"``, ``"torch"``, ``"triton"``, ``"megablocks"``).
-    :param tensors: the operands of the call (only their devices are inspected; ``None`` entries are skipped).
+    :param tensors: the operands of the call, or their devices (only devices are inspected; ``None`` is skipped).
+
+    Called by the kernel selectors (``expert_linear_kernel``, ``stick_breaking_kernel``) once per module and
+    device, never per step: modules keep the implementation they got (see :class:`KernelCache`).
     :returns: the concrete backend; never ``"auto"``.
     :raises ValueError: unknown name (the message lists the choices).
     :raises RuntimeError: ``"triton"`` without triton, or on CPU tensors without ``TRITON_INTERPRET=1``;
@@ -102,3 +107,33 @@ def resolve_backend(name: str, *tensors: torch.Tensor) -> str:
     if device != "cuda":
         raise RuntimeError(f"kernel backend 'megablocks' needs CUDA tensors (got {device})")
     return "megablocks"
+
+
+class KernelCache:
+    """One kernel implementation per device type for a fixed backend name, resolved on first use.
+
+    ``select(backend, device) -> impl`` is a kernel's selector (e.g.
+    :func:`kernels.expert_linear.expert_linear_kernel`).
+    A module holds one cache per kernel and calls ``cache(device)`` in its forward: a dict lookup, not a resolution.
+    Changing the backend name (``cache.backend = ...``) drops the resolved implementations.
+    """
+
+    def __init__(self, select, backend: str) -> None:
+        self._select = select
+        self._impls: dict = {}
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = name
+        self._impls = {}
+
+    def __call__(self, device: torch.device):
+        impl = self._impls.get(device.type)
+        if impl is None:
+            impl = self._impls[device.type] = self._select(self._backend, device)
+        return impl

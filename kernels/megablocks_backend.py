@@ -20,7 +20,7 @@ __all__ = ["megablocks_expert_linear"]
 def megablocks_expert_linear(x: Tensor, weight: Tensor, plan: RoutingPlan, fan_out: int, grouped_in: bool,
                              grouped_out: bool, gates) -> Tensor:
     """Same contract as ``expert_linear`` (positional form used by its dispatcher); see that docstring for shapes."""
-    from grouped_gemm import ops  # resolve_backend already checked it imports
+    from grouped_gemm import ops  # resolve_backend already checked it imports (the dispatcher checked the shapes)
 
     if grouped_in:
         x_s = x

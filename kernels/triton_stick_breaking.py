@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .stick_breaking import check_attention_shapes
+from .checks import check_attention_mask, check_attention_shapes
 
 try:  # guarded: the package must import without triton
     import triton
@@ -378,9 +378,8 @@ def triton_stick_breaking_attention(q: Tensor, k: Tensor, v: Tensor, attention_m
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     keep = None
+    check_attention_mask(attention_mask, B, S)
     if attention_mask is not None:
-        if attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask must be [B, S] = {(B, S)}, got {tuple(attention_mask.shape)}")
         keep = (attention_mask != 0).to(torch.int8)
     if T == 0 or B * H * KQ == 0 or D == 0:
         return q.new_zeros(B, T, KQ, H, D)

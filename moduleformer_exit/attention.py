@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
 from .configuration import ModuleFormerConfig
-from .kernels import stick_breaking_attention
+from .kernels.backend import KernelCache
+from .kernels.stick_breaking import stick_breaking_kernel
 from .moe import MoE
 
 
@@ -68,6 +69,18 @@ class ModuleFormerAttention(nn.Module):
             self.k_proj = nn.Linear(config.n_embd, config.att_hidden)
             self.v_proj = nn.Linear(config.n_embd, config.att_hidden)
 
+    @property
+    def kernel_backend(self) -> str:
+        """The stick-breaking kernel backend name (resolved once per device; setting it drops the resolved ones)."""
+        return self._attention_kernel.backend
+
+    @kernel_backend.setter
+    def kernel_backend(self, name: str) -> None:
+        if "_attention_kernel" in self.__dict__:
+            self._attention_kernel.backend = name
+        else:
+            self._attention_kernel = KernelCache(stick_breaking_kernel, name)
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -110,7 +123,7 @@ class ModuleFormerAttention(nn.Module):
             y = torch.einsum("bkhts,bshd->btkhd", weights.view(bsz, self.top_k, self.n_head, length, context),
                              v.to(weights.dtype))
         else:
-            y = stick_breaking_attention(q, k, v, attention_mask, backend=self.kernel_backend)  # (B, T, k, nh, hs)
+            y = self._attention_kernel(q.device)(q, k, v, attention_mask)  # (B, T, k, nh, hs)
         y = y.reshape(bsz, length, self.top_k, self.att_hidden).to(hidden_states.dtype)
         out = self.q_proj.reduce(y, routing, plan)
         return out, aux, routing.logits, weights

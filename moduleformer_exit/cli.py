@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-BENCH_SECTIONS = ("moe", "attention", "decode", "acd", "training", "pruning")
+BENCH_SECTIONS = ("moe", "attention", "decode", "acd", "training", "peers", "pruning")
 
 
 def _table(title: str, columns: Sequence[tuple[str, str]], rows: list[dict]) -> None:
@@ -74,6 +74,13 @@ def run_bench(args: argparse.Namespace) -> int:
         _table("Greedy decode with KV cache (HF generate)",
                [("batch", "d"), ("prompt_len", "d"), ("new_tokens", "d"), ("seconds", ".2f"),
                 ("tokens_per_s", ".1f"), ("active_params", ",d")], results["decode"])
+        from .benchmarks.decode_limit import DECODE_LIMIT_COLUMNS, bench_decode_limit
+
+        results["decode_limit"] = (bench_decode_limit(config=config, batch_sizes=(1,), prompt_len=4, new_tokens=3,
+                                                      threads=args.threads, repeats=1)
+                                   if args.quick else bench_decode_limit(threads=args.threads))
+        _table("Decode step vs the memory-bandwidth limit (a chain of GEMVs over the same active weights; "
+               "of_limit = limit / step)", DECODE_LIMIT_COLUMNS, results["decode_limit"])
     if "acd" in sections:
         from .benchmarks.decode import bench_acd_decode
 
@@ -102,6 +109,12 @@ def run_bench(args: argparse.Namespace) -> int:
         from .benchmarks.pruning import run_pruning_section
 
         results["pruning"] = run_pruning_section(args, _table)
+    if "peers" in sections:
+        from .benchmarks.peers import PEERS_COLUMNS, bench_peers
+
+        results["peers"] = bench_peers(threads=args.threads, quick=args.quick)
+        _table("ModuleFormer vs transformers' JetMoE, matched shapes and active parameters (fp32; ratio = our "
+               "throughput / JetMoE's, fastest of interleaved runs)", PEERS_COLUMNS, results["peers"])
     if args.device == "cuda":
         run_cuda_bench(args, results)
     if args.json:

@@ -30,9 +30,9 @@ class ModuleFormerConfig(PretrainedConfig):
 
     Added here (not in IBM's config): ``output_router_logits`` (default of the forward argument of that name, as in
     Mixtral-style MoE configs) and ``kernel_backend`` selects the expert / attention kernel implementation
-    (resolved per call by ``kernels.backend.resolve_backend``): ``auto`` (Triton on CUDA tensors when triton imports,
-    else torch), ``torch`` (pure PyTorch, any device), ``triton`` (Triton kernels; on CPU only under
-    ``TRITON_INTERPRET=1``), ``megablocks`` (GPU-only MegaBlocks grouped GEMM for the MLP experts; needs
+    (resolved once per module and device by ``kernels.backend.resolve_backend``): ``auto`` (Triton on CUDA tensors
+    when triton imports, else torch), ``torch`` (pure PyTorch, any device), ``triton`` (Triton kernels; on CPU only
+    under ``TRITON_INTERPRET=1``), ``megablocks`` (GPU-only MegaBlocks grouped GEMM for the MLP experts; needs
     ``pip install megablocks`` on a CUDA machine; attention falls back to ``auto``). The HF aliases ``hidden_size``,
     ``num_hidden_layers``, ``num_attention_heads``, ``intermediate_size``, ``num_experts`` / ``num_experts_per_tok``
     (MLP experts) read and write the fields above.

@@ -164,29 +164,47 @@ class MultiExitMixin:
         """The backbone's shared final norm, applied to exits below the top layer."""
         return self.backbone.ln_f
 
-    def exit_logits(self, hidden_states: tuple[Tensor, ...], layer) -> Tensor:
-        """Float32 logits of exit ``layer`` (int, or ``'original'``) from the backbone's ``hidden_states``."""
+    def _exit_projection(self, hidden_states: tuple[Tensor, ...], layer) -> tuple[Tensor, nn.Module]:
+        """``(h, head)`` with ``exit_logits(layer) == head(h).float()``: the normed (and, in the cast mode, cast)
+        hidden state of exit ``layer`` (int, or ``'original'``) and the vocabulary projection it goes through."""
         num_layers = self.config.num_hidden_layers
         if layer == ORIGINAL:
-            return self.lm_head(hidden_states[num_layers]).float()
+            return hidden_states[num_layers], self.lm_head
         h = hidden_states[layer]
         if layer < num_layers:
             h = self.final_norm()(h)
         mode = self.multi_exit_config.vocab_projection_mode
         if mode is VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION:
-            return self.name_to_lm_exit_head[f"lm_head_{layer}"](h).float()
+            return h, self.name_to_lm_exit_head[f"lm_head_{layer}"]
         if mode is VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS and layer != num_layers:
             h = self.name_to_conv_matrix[f"{layer}_to_{num_layers}"](h)
-        return self.lm_head(h).float()
+        return h, self.lm_head
+
+    def exit_logits(self, hidden_states: tuple[Tensor, ...], layer) -> Tensor:
+        """Float32 logits of exit ``layer`` (int, or ``'original'``) from the backbone's ``hidden_states``."""
+        h, head = self._exit_projection(hidden_states, layer)
+        return head(h).float()
+
+    def contrast_pair_logits(self, hidden_states: tuple[Tensor, ...], upper, lower) -> tuple[Tensor, Tensor]:
+        """Float32 logits ``(upper, lower)`` of two exits, ``[..., V]`` each. When both go through the same head
+        (the shared-projection modes, or ``original`` vs the top exit there), their rows are projected in ONE
+        matmul, so the head's weights are read once per step instead of twice (decode is bandwidth-bound)."""
+        (h_up, head_up), (h_low, head_low) = (self._exit_projection(hidden_states, layer) for layer in (upper, lower))
+        if head_up is not head_low or h_up.shape != h_low.shape:
+            return head_up(h_up).float(), head_low(h_low).float()
+        both = head_up(torch.stack((h_up, h_low))).float()  # [2, ..., V]
+        return both[0], both[1]
 
     def output_logits(self, hidden_states: tuple[Tensor, ...]) -> Tensor:
-        """The configured output: original logits, exit k's raw logits, or the contrast of two exits."""
+        """The configured output: original logits, exit k's raw logits, or the contrast of two exits. Only the
+        positions in ``hidden_states`` are projected (the forward passes the ``logits_to_keep`` slice: the last
+        position when generating)."""
         cfg = self.multi_exit_config
         if cfg.use_original_head:
             return self.exit_logits(hidden_states, ORIGINAL)
         if cfg.contrast_layer_indices is None:
             return self.exit_logits(hidden_states, cfg.output_layer_index)
-        upper, lower = (self.exit_logits(hidden_states, layer) for layer in cfg.contrast_layer_indices)
+        upper, lower = self.contrast_pair_logits(hidden_states, *cfg.contrast_layer_indices)
         if cfg.contrast_function is not None:
             return cfg.contrast_function(upper, lower)
         return auto_contrastive_log_probs(upper, lower, cfg.alpha, cfg.minimum_candidates)

@@ -3,6 +3,10 @@
 The same layer serves the MLP experts (``forward``: expert in -> activation -> expert out, gate-weighted sum) and
 the mixture-of-attention query/output projections (``map`` then ``reduce``). Unlike IBM's stateful ``map``/``reduce``
 pair, the routing is returned by ``map`` and passed to ``reduce`` explicitly.
+
+The expert kernel is resolved once per device (:class:`kernels.backend.KernelCache`), not per call. At inference
+with at most ``FEW_TOKENS`` tokens (decode), the layer skips the routing plan and multiplies by the selected
+experts' weights directly (:mod:`kernels.few_token_experts`); the result equals the general path's.
 """
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from .gates import Routing, TopKGating
-from .kernels import RoutingPlan, expert_linear, plan_routing
+from .kernels import RoutingPlan, plan_routing
+from .kernels.backend import KernelCache
+from .kernels.expert_linear import expert_linear_kernel
+from .kernels.few_token_experts import FEW_TOKENS, few_token_map, few_token_reduce
 
 
 class ParallelExperts(nn.Module):
@@ -91,16 +98,36 @@ class MoE(nn.Module):
             gate_type=gate_type,
         )
 
+    @property
+    def kernel_backend(self) -> str:
+        """The expert kernel backend name; setting it drops the implementations resolved so far."""
+        return self._expert_kernel.backend
+
+    @kernel_backend.setter
+    def kernel_backend(self, name: str) -> None:
+        if "_expert_kernel" in self.__dict__:
+            self._expert_kernel.backend = name
+        else:
+            self._expert_kernel = KernelCache(expert_linear_kernel, name)
+
     def extra_repr(self) -> str:
         return f"k={self.top_k}, backend={self.kernel_backend}"
 
-    def route(self, x: Tensor, compute_aux: bool = True) -> tuple[Routing, RoutingPlan, Optional[Tensor]]:
-        """Route tokens ``x`` ``[N, input_size]``: the router decision, its sorted dispatch plan, and the aux loss
-        (``None`` when ``compute_aux`` is False)."""
+    def _few_tokens(self, x: Tensor) -> bool:
+        """Whether ``x`` ``[N, in]`` takes the plan-free few-token path: N <= FEW_TOKENS and no gradient needed."""
+        if x.shape[0] > FEW_TOKENS:
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or self.experts.weight.requires_grad
+                                                 or self.output_experts.weight.requires_grad))
+
+    def route(self, x: Tensor, compute_aux: bool = True,
+              plan: bool = True) -> tuple[Routing, Optional[RoutingPlan], Optional[Tensor]]:
+        """Route tokens ``x`` ``[N, input_size]``: the router decision, its sorted dispatch plan (None if ``plan``
+        is False), and the aux loss (``None`` when ``compute_aux`` is False)."""
         routing = self.gate(x)
-        plan = plan_routing(routing.top_k_indices, self.num_experts)
+        dispatch = plan_routing(routing.top_k_indices, self.num_experts) if plan else None
         aux = self.gate.aux_loss_of(routing) if compute_aux else None
-        return routing, plan, aux
+        return routing, dispatch, aux
 
     def _gates(self, routing: Routing, dtype: torch.dtype) -> Tensor:
         return routing.top_k_gates.to(dtype)
@@ -122,15 +149,24 @@ class MoE(nn.Module):
         """
         bsz, length, width = x.shape
         flat = x.reshape(-1, width)
-        routing, plan, aux = self.route(flat, compute_aux)
-        h = expert_linear(flat, self.experts.weight, plan, fan_out=self.top_k, grouped_out=True,
-                          backend=self.kernel_backend)
-        if self.experts.bias is not None:
-            h = h + self.experts.bias[plan.sorted_expert_idxs]
-        if self.activation is not None:
-            h = self.activation(h)
-        y = expert_linear(h, self.output_experts.weight, plan, fan_out=1, grouped_in=True,
-                          gates=self._gates(routing, h.dtype), backend=self.kernel_backend)
+        few = self._few_tokens(flat)
+        routing, plan, aux = self.route(flat, compute_aux, plan=not few)
+        if few:
+            h = few_token_map(flat, self.experts.weight, routing.top_k_indices)  # [N, k, head_size]
+            if self.experts.bias is not None:
+                h = h + self.experts.bias[routing.top_k_indices]
+            if self.activation is not None:
+                h = self.activation(h)
+            y = few_token_reduce(h, self.output_experts.weight, routing.top_k_indices,
+                                 self._gates(routing, h.dtype))
+        else:
+            linear = self._expert_kernel(flat.device)
+            h = linear(flat, self.experts.weight, plan, self.top_k, False, True)  # [N*k, head_size] grouped
+            if self.experts.bias is not None:
+                h = h + self.experts.bias[plan.sorted_expert_idxs]
+            if self.activation is not None:
+                h = self.activation(h)
+            y = linear(h, self.output_experts.weight, plan, 1, True, False, self._gates(routing, h.dtype))
         if self.output_experts.bias is not None:
             y = self._add_output_bias(y, routing)
         y = y.view(bsz, length, self.input_size)
@@ -143,16 +179,21 @@ class MoE(nn.Module):
             x: ``[B, T, input_size]``.
         Returns:
             ``(q [B, T, k, head_size], aux_loss or None, routing, plan)``; pass routing and plan to :meth:`reduce`.
+            ``plan`` is None on the few-token inference path (no routing plan is built).
         """
         bsz, length, width = x.shape
         flat = x.reshape(-1, width)
-        routing, plan, aux = self.route(flat, compute_aux)
-        q = expert_linear(flat, self.experts.weight, plan, fan_out=self.top_k, backend=self.kernel_backend)
+        few = self._few_tokens(flat)
+        routing, plan, aux = self.route(flat, compute_aux, plan=not few)
+        if few:
+            q = few_token_map(flat, self.experts.weight, routing.top_k_indices).flatten(0, 1)  # [N*k, head_size]
+        else:
+            q = self._expert_kernel(flat.device)(flat, self.experts.weight, plan, self.top_k)
         if self.experts.bias is not None:
             q = q + self.experts.bias[routing.top_k_indices.flatten()]
         return q.view(bsz, length, self.top_k, self.head_size), aux, routing, plan
 
-    def reduce(self, x: Tensor, routing: Routing, plan: RoutingPlan) -> Tensor:
+    def reduce(self, x: Tensor, routing: Routing, plan: Optional[RoutingPlan]) -> Tensor:
         """Attention-expert outputs: ``y_t = sum_j g_tj * x_tj W_out[e_tj]``.
 
         Args:
@@ -161,8 +202,12 @@ class MoE(nn.Module):
             ``[B, T, input_size]``.
         """
         bsz, length, k, hidden = x.shape
-        y = expert_linear(x.reshape(-1, hidden), self.output_experts.weight, plan, fan_out=1,
-                          gates=self._gates(routing, x.dtype), backend=self.kernel_backend)
+        gates = self._gates(routing, x.dtype)
+        if plan is None:  # few-token path of map()
+            y = few_token_reduce(x.reshape(-1, k, hidden), self.output_experts.weight, routing.top_k_indices, gates)
+        else:
+            y = self._expert_kernel(x.device)(x.reshape(-1, hidden), self.output_experts.weight, plan, 1, False,
+                                              False, gates)
         if self.output_experts.bias is not None:
             y = self._add_output_bias(y, routing)
         return y.view(bsz, length, self.input_size)

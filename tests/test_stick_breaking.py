@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from moduleformer_exit.kernels import stick_breaking as sbmod
+from moduleformer_exit.kernels import torch_stick_breaking as sbmod
 from moduleformer_exit.kernels.stick_breaking import stick_breaking_attention
 
 
