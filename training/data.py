@@ -47,6 +47,61 @@ def resolve_data_files(data_files: Sequence[str] | str) -> list[str]:
     return out
 
 
+_SNIFF_BYTES = 1 << 16
+
+
+def check_data_files(paths: Sequence[str], data_format: str = "text") -> None:
+    """Raise ValueError naming the file and the problem if a data file cannot be what ``data_format`` says: empty or
+    whitespace-only, binary (NUL bytes) or invalid UTF-8 text, JSON that is neither JSON lines nor a JSON document,
+    or parquet without the parquet magic. Checked before any work starts (``datasets`` fails far later, unnamed)."""
+    import codecs
+    import json
+
+    for path in paths:
+        size = os.path.getsize(path)
+        hint = f"Fix or remove {path} from the data files."
+        if size == 0:
+            raise ValueError(f"Data file {path} is empty (0 bytes). {hint}")
+        if data_format == "parquet":
+            with open(path, "rb") as f:
+                if f.read(4) != b"PAR1":
+                    raise ValueError(f"Data file {path} is not a parquet file (no PAR1 magic) but the format is "
+                                     f"parquet. {hint}")
+            continue
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        seen_text, offset, head = False, 0, ""
+        with open(path, "rb") as f:
+            while chunk := f.read(_SNIFF_BYTES):
+                nul = chunk.find(b"\0")
+                if nul >= 0:
+                    raise ValueError(f"Data file {path} looks binary (NUL byte at offset {offset + nul}), not "
+                                     f"{data_format} text. {hint}")
+                try:
+                    text = decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"Data file {path} is not valid UTF-8 (byte offset {offset + e.start}). Convert "
+                                     f"it (e.g. iconv -f latin1 -t utf-8). {hint}") from None
+                seen_text = seen_text or bool(text.strip())
+                if len(head) < _SNIFF_BYTES:
+                    head += text
+                offset += len(chunk)
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise ValueError(f"Data file {path} ends inside a UTF-8 character (truncated?). {hint}") from None
+        if not seen_text:
+            raise ValueError(f"Data file {path} holds only whitespace: nothing to train on. {hint}")
+        if data_format == "json":
+            first = head.lstrip()
+            line = first.split("\n", 1)[0]
+            try:
+                json.loads(line)
+            except ValueError:
+                if not first.startswith(("[", "{")):
+                    raise ValueError(f"Data file {path} is not JSON lines (first line {line[:60]!r} is not JSON) but "
+                                     f"the format is json; use format text for plain text. {hint}") from None
+
+
 def load_corpus(data_files: Sequence[str] | str, data_format: str = "text", sample_by: str = "paragraph",
                 streaming: bool = False, text_field: str = "text"):
     """A ``datasets`` Dataset (or IterableDataset with ``streaming``) with one ``text`` column, one document a row.
@@ -230,5 +285,5 @@ def iter_batches(blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor
 __all__ = [
     "BlockOrder", "LMData", "build_lm_data", "bundled_corpus_files", "load_corpus", "pack_blocks",
     "tokenize_and_pack", "train_tokenizer", "unigram_perplexity", "split_documents", "batch_positions",
-    "blocks_to_tensor", "resolve_data_files", "iter_batches", "SPECIAL_TOKENS",
+    "blocks_to_tensor", "check_data_files", "resolve_data_files", "iter_batches", "SPECIAL_TOKENS",
 ]

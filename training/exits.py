@@ -94,6 +94,10 @@ def main(argv=None) -> int:
     import argparse
     import json
 
+    from .distributed import offline_by_default
+
+    offline_by_default()
+
     p = argparse.ArgumentParser(prog="moduleformer-exit train-exits", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="base checkpoint directory (ModuleFormer, GPT-2 or GPT-Neo) with "
                                                   "its tokenizer")

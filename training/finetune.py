@@ -20,7 +20,7 @@ TASKS = ("causal-lm", "sequence-classification")
 def _deepspeed_setup(ds_config) -> Optional[dict | str]:
     if ds_config is None:
         return None
-    from .pretrain import ensure_dist_env
+    from .distributed import ensure_dist_env
 
     ensure_dist_env()
     import deepspeed
@@ -161,7 +161,9 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from .pretrain import shutdown_distributed
+    from .distributed import offline_by_default, shutdown_distributed
+
+    offline_by_default()
 
     args = build_parser().parse_args(argv)
     lora = None
