@@ -10,7 +10,6 @@ from typing import Optional, Sequence
 
 import torch
 
-BENCH_SECTIONS = ("moe", "attention", "decode", "acd", "training")
 
 
 def _table(title: str, columns: Sequence[tuple[str, str]], rows: list[dict]) -> None:
@@ -27,79 +26,25 @@ def _table(title: str, columns: Sequence[tuple[str, str]], rows: list[dict]) -> 
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the selected benchmark sections (one process, one run) and print their tables."""
-    sections = BENCH_SECTIONS if args.only is None else tuple(args.only.split(","))
-    unknown = set(sections) - set(BENCH_SECTIONS)
+    """Run the selected benchmark sections (one process, one run; see ``benchmarks/sections.py``) and print their
+    tables. Process-wide settings (threads, flush-denormal, malloc thresholds) are restored afterwards."""
+    from .benchmarks.sections import SECTIONS, section_names
+    from .benchmarks.timing import process_settings
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU (none is visible to torch)")
+    sections = section_names(args.device) if args.only is None else tuple(args.only.split(","))
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
-        raise SystemExit(f"unknown bench section(s) {sorted(unknown)}; choose from {', '.join(BENCH_SECTIONS)}")
-    torch.set_num_threads(args.threads)
+        raise SystemExit(f"unknown bench section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
           f"fp32{' (quick sizes)' if args.quick else ''}")
     results: dict[str, list[dict]] = {}
-    if "moe" in sections:
-        from .benchmarks.moe import bench_moe_mlp
-
-        shapes = ((256, 64, 64, 8, 2),) if args.quick else ((4096, 1024, 1024, 32, 2), (4096, 1024, 256, 64, 4))
-        results["moe"] = bench_moe_mlp(shapes=shapes, threads=args.threads, naive=True,
-                                       **({"repeats": 2} if args.quick else {}))
-        _table("MoE MLP layer vs dense GEMM pair of equal active FLOPs (efficiency = dense / MoE; naive = IBM-style "
-               "Python loop over experts)",
-               [("N", "d"), ("d", "d"), ("h", "d"), ("E", "d"), ("k", "d"), ("fwd_moe_ms", ".1f"),
-                ("fwd_dense_ms", ".1f"), ("fwd_eff", ".2f"), ("fwdbwd_moe_ms", ".1f"), ("fwdbwd_dense_ms", ".1f"),
-                ("fwdbwd_eff", ".2f"), ("naive_fwd_ms", ".1f"), ("naive_fwdbwd_ms", ".1f")], results["moe"])
-    if "attention" in sections:
-        from .benchmarks.attention import bench_stick_breaking
-
-        seq_lens = (64, 128) if args.quick else (512, 1024, 2048)
-        rows = []
-        for skip, setting in ((True, "underflow skip (default)"), (False, "full walk (worst case)")):
-            for row in bench_stick_breaking(seq_lens=seq_lens, threads=args.threads, skip_underflow=skip,
-                                            **({"repeats": 2} if args.quick else {})):
-                rows.append({"setting": setting, **row})
-        results["attention"] = rows
-        _table("Stick-breaking attention fwd vs SDPA(is_causal) (B=1, 16 query heads, head_dim 64, N(0,1) inputs)",
-               [("setting", ""), ("T", "d"), ("sb_ms", ".1f"), ("sdpa_ms", ".1f"), ("ratio", ".2f"),
-                ("sb_peak_mb", ".1f"), ("sdpa_peak_mb", ".1f")], results["attention"])
-    if "decode" in sections:
-        from .benchmarks.decode import bench_decode
-
-        if args.quick:
-            from .configuration import ModuleFormerConfig, bundled_config_path
-
-            config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
-            results["decode"] = bench_decode(batch_sizes=(1, 2), prompt_len=4, new_tokens=4, config=config,
-                                             threads=args.threads, repeats=1)
-        else:
-            results["decode"] = bench_decode(threads=args.threads)
-        _table("Greedy decode with KV cache (HF generate)",
-               [("batch", "d"), ("prompt_len", "d"), ("new_tokens", "d"), ("seconds", ".2f"),
-                ("tokens_per_s", ".1f"), ("active_params", ",d")], results["decode"])
-    if "acd" in sections:
-        from .benchmarks.decode import bench_acd_decode
-
-        if args.quick:
-            from .configuration import ModuleFormerConfig, bundled_config_path
-
-            config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
-            results["acd"] = bench_acd_decode(prompt_len=4, new_tokens=4, config=config, threads=args.threads,
-                                              repeats=1)
-        else:
-            results["acd"] = bench_acd_decode(threads=args.threads)
-        _table("ACD greedy decode vs plain greedy, same model (batch 1; overhead = time / plain - 1)",
-               [("mode", ""), ("batch", "d"), ("new_tokens", "d"), ("seconds", ".2f"), ("tokens_per_s", ".1f"),
-                ("overhead", "+.1%")], results["acd"])
-    if "training" in sections:
-        try:
-            from .benchmarks.training import bench_training
-        except ImportError as error:  # the train extra is optional
-            raise SystemExit(f"bench training needs the train extra (pip install -e '.[train]'): {error}")
-        results["training"] = (bench_training(stages=(0,), steps=2, warmup=1, batch_size=4, seq_len=32)
-                               if args.quick else bench_training(threads=args.threads))
-        _table("Training step: DeepSpeed ZeRO stages vs a plain PyTorch loop, same model and batch (1 process)",
-               [("mode", ""), ("stage", ""), ("step_ms", ".1f"), ("tokens_per_s", ",.0f"), ("overhead_pct", "+.1f"),
-                ("peak_rss_mb", ".0f"), ("peak_delta_mb", ".0f")], results["training"])
-    if args.device == "cuda":
-        run_cuda_bench(args, results)
+    with process_settings(threads=args.threads):
+        for name in sections:
+            section = SECTIONS[name]
+            results[name] = section.run(args.quick, args.threads)
+            _table(section.title, section.table_columns(), results[name])
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
@@ -155,34 +100,15 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_cuda_bench(args: argparse.Namespace, results: dict) -> None:
-    """GPU kernel rows (``--device cuda``): Triton routed experts, Triton stick-breaking vs SDPA, a training step."""
-    if not torch.cuda.is_available():
-        raise SystemExit("--device cuda needs a CUDA GPU (none is visible to torch)")
-    from .benchmarks.attention_cuda import bench_stick_breaking_cuda
-    from .benchmarks.kernels_cuda import TABLE_COLUMNS, bench_expert_kernels_cuda
-    from .benchmarks.model_cuda import bench_training_step_cuda
-
-    results["cuda_experts"] = bench_expert_kernels_cuda()
-    _table("GPU routed expert MLP vs dense GEMM pair of equal active FLOPs (bf16; eff = dense / path)", TABLE_COLUMNS,
-           results["cuda_experts"])
-    results["cuda_attention"] = bench_stick_breaking_cuda()
-    _table("GPU stick-breaking (Triton) vs SDPA(is_causal), bf16, head_dim 64",
-           [("T", "d"), ("B", "d"), ("sb_fwd_ms", ".3f"), ("sdpa_fwd_ms", ".3f"), ("ratio_fwd", ".2f"),
-            ("sb_fwdbwd_ms", ".3f"), ("sdpa_fwdbwd_ms", ".3f"), ("ratio_fwdbwd", ".2f"), ("sb_fwdbwd_peak_mb", ".0f"),
-            ("sdpa_fwdbwd_peak_mb", ".0f")], results["cuda_attention"])
-    results["cuda_training"] = [row for backend in ("triton", "torch") for row in bench_training_step_cuda(backend=backend)]
-    _table("GPU training step, ~350M-active ModuleFormer (bf16, fused AdamW)",
-           [("backend", ""), ("batch", "d"), ("seq_len", "d"), ("step_ms", ".1f"), ("tokens_per_s", ",.0f"),
-            ("tflops", ".1f"), ("mfu", ".1%"), ("host_syncs", "d")], results["cuda_training"])
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``moduleformer-exit`` argument parser."""
     parser = argparse.ArgumentParser(prog="moduleformer-exit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="print benchmark tables (MoE layer, stick-breaking attention, decode, ACD)")
-    bench.add_argument("--only", help=f"comma-separated subset of {','.join(BENCH_SECTIONS)}")
+    from .benchmarks.sections import SECTIONS
+
+    bench.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)} (default: the CPU sections, "
+                                      f"plus cuda_* with --device cuda)")
     bench.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the command runs, not speed")
     bench.add_argument("--json", help="also write the rows to this JSON file")
