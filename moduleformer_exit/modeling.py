@@ -153,6 +153,17 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         flops = flops_per_token(self.config, context_length)
         return flops["training"] if training else flops["forward"]
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """``PreTrainedModel.from_pretrained``, but a checkpoint lacking backbone or LM-head weights (a layer, an
+        expert, ...) raises ``MissingWeightsError`` instead of loading them randomly; new task heads (``score``)
+        are initialised as usual."""
+        from .loading import from_pretrained_strict
+
+        return from_pretrained_strict(super().from_pretrained, args, kwargs,
+                                      lambda key: key.startswith(("transformer.", "lm_head.")),
+                                      "a ModuleFormer's layers, experts and LM head cannot be trained from here.")
+
     def _init_weights(self, module: nn.Module) -> None:
         """HF init for Linear / Embedding / LayerNorm (normal(0, initializer_range), ones, zeros) plus IBM's init for
         expert tensors (U(-1/in, 1/in)) and gmm gate centroids (N(0, 1)) / temperature (0)."""
