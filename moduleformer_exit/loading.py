@@ -23,10 +23,14 @@ def from_pretrained_strict(load: Callable[..., Any], args: tuple, kwargs: dict, 
     Returns what the caller asked for: the model, or ``(model, loading_info)`` with ``output_loading_info=True``.
     ``fix`` completes the error message (how to load on purpose with new weights)."""
     want_info = kwargs.pop("output_loading_info", False)
-    model, info = load(*args, output_loading_info=True, **kwargs)
+    path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    try:
+        model, info = load(*args, output_loading_info=True, **kwargs)
+    except EOFError:  # torch.load of a zero-byte / truncated pytorch_model.bin says nothing else
+        raise ValueError(f"A weights file in {path} is empty or truncated (EOFError while reading it): save or copy "
+                         f"the checkpoint again.") from None
     missing = sorted(k for k in (info or {}).get("missing_keys", ()) if required(k))
     if missing:
-        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         shown = ", ".join(missing[:12]) + (f", ... ({len(missing)} in all)" if len(missing) > 12 else "")
         raise MissingWeightsError(f"Checkpoint {path} lacks weights of {type(model).__name__}: {shown}. They would "
                                   f"be random. Use a complete checkpoint; {fix}")

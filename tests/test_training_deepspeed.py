@@ -193,6 +193,15 @@ def test_train_exits_on_frozen_base(root, reference, tmp_path):
         assert res["after"][k] < res["before"][k]
     assert AutoMultiExitModel.from_pretrained(str(tmp_path / "mf_exits")).exit_layers == [1, 2]
 
+    # the base's own exits are kept: training exit 2 alone keeps the trained exit 1 (here fixed)
+    res = train_exits(str(reference / "final"), [2], corpus, str(tmp_path / "keep"), steps=3, lr=1e-2,
+                      batch_size=8, block_size=32, max_heldout_blocks=16, freeze_existing=True)
+    assert AutoMultiExitModel.from_pretrained(str(tmp_path / "keep")).exit_layers == [1, 2]
+    assert res["before"]["exit1"] == pytest.approx(res["after"]["exit1"])  # frozen ...
+    kept = AutoMultiExitModel.from_pretrained(str(tmp_path / "keep")).name_to_lm_exit_head["lm_head_1"].weight
+    trained = AutoMultiExitModel.from_pretrained(str(reference / "final")).name_to_lm_exit_head["lm_head_1"].weight
+    assert torch.equal(kept, trained)  # ... and the trained head, not re-initialised
+
     # GPT-2 base through the same path
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -216,6 +225,11 @@ def test_finetune_lora_and_classification(root, reference, tmp_path):
                  max_steps=4, lr=5e-3, batch_size=4, eval_fraction=0.02, lora={"r": 4})
     assert m["perplexity"] < m["perplexity_before"]
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "ft"))  # merged LoRA saves as a plain checkpoint
+    from moduleformer_exit import AutoMultiExitModel
+
+    # the exit head survives fine-tuning (the strict loader refuses a config naming a head the weights lack)
+    assert AutoMultiExitModel.from_pretrained(str(tmp_path / "ft")).exit_layers == [1]
+    assert m["perplexity_exit1"] > 1
 
     data = tmp_path / "cls.jsonl"
     rows = [{"text": f"{'happy glad joy' if i % 2 else 'sad gloomy grief'} {i}", "label": i % 2} for i in range(40)]
@@ -225,6 +239,7 @@ def test_finetune_lora_and_classification(root, reference, tmp_path):
     assert "eval_loss" in m
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "cls"))
     assert model.config.num_labels == 2
+    assert not getattr(model.config, "lm_head_layer_indices", None)  # names no exit head it lacks
 
 
 def test_finetune_hf_trainer_deepspeed_zero3_two_processes(root, reference, tmp_path):

@@ -204,7 +204,13 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, position: int, keep: int, 
         if os.path.isdir(stale):
             shutil.rmtree(stale)
     dist.barrier()
-    staging_dir = write_staging(engine, ckpt_dir, tag, {"step": step, "position": position}, run_info_json, rank)
+    try:
+        staging_dir = write_staging(engine, ckpt_dir, tag, {"step": step, "position": position}, run_info_json, rank)
+    except (OSError, RuntimeError) as e:  # a full disk shows up as torch's "unexpected pos ..." RuntimeError
+        free = shutil.disk_usage(ckpt_dir).free / 2 ** 20
+        raise CheckpointError(f"Writing checkpoint {os.path.join(ckpt_dir, tag + STAGING)} failed: {e}. {free:.0f} MiB "
+                              f"free on that disk: free space (or lower training.keep_checkpoints) and rerun to "
+                              f"resume from {os.path.join(ckpt_dir, POINTER)}.") from e
     dist.barrier()
     if rank == 0:
         replace_dir(staging_dir, os.path.join(ckpt_dir, tag))
