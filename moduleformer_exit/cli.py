@@ -55,7 +55,24 @@ def _parse_contrast(text: str) -> tuple:
     parts = [p.strip() for p in text.replace(";", ",").split(",")]
     if len(parts) != 2:
         raise SystemExit(f"--contrast takes two layers 'UPPER,LOWER' (e.g. original,12), got {text!r}")
-    return tuple(p if p.lower() == "original" else int(p) for p in parts)
+    try:
+        return tuple(p if p.lower() == "original" else int(p) for p in parts)
+    except ValueError:
+        raise SystemExit(f"--contrast layers must be 'original' or layer numbers (e.g. original,12), got {text!r}")
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """Name what is missing from a local checkpoint directory before transformers guesses at a Hub repo id."""
+    import os
+
+    if not os.path.isdir(model_dir):
+        raise SystemExit(f"--model {model_dir}: no such directory (a local checkpoint directory with config.json, "
+                         f"weights and tokenizer; everything runs offline)")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise SystemExit(f"--model {model_dir}: no config.json there; point --model at a save_pretrained directory")
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise SystemExit(f"--model {model_dir}: no tokenizer (tokenizer.json) there; save the tokenizer with the "
+                         f"model (tokenizer.save_pretrained(dir))")
 
 
 def load_for_generation(model_dir: str, contrast: Optional[str] = None, exit_layer: Optional[int] = None,
@@ -85,18 +102,25 @@ def run_generate(args: argparse.Namespace) -> int:
     """Generate from a prompt, streaming tokens to stdout as they are produced."""
     from transformers import AutoTokenizer, TextStreamer
 
+    _check_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = load_for_generation(args.model, args.contrast, args.exit, args.alpha)
     inputs = tokenizer(args.prompt, return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        raise SystemExit("the prompt is empty (it encodes to no token): give some text to continue")
+    model = load_for_generation(args.model, args.contrast, args.exit, args.alpha)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    # generate() refuses a streamer with beam search: stream only where the method allows it
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if args.num_beams == 1 else None
     with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                       temperature=args.temperature if args.do_sample else None,
-                       top_k=args.top_k if args.do_sample else None, top_p=args.top_p if args.do_sample else None,
-                       num_beams=args.num_beams, pad_token_id=pad_id, streamer=streamer)
+        tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                temperature=args.temperature if args.do_sample else None,
+                                top_k=args.top_k if args.do_sample else None,
+                                top_p=args.top_p if args.do_sample else None,
+                                num_beams=args.num_beams, pad_token_id=pad_id, streamer=streamer)
+    if streamer is None:
+        print(tokenizer.decode(tokens[0], skip_special_tokens=True))
     return 0
 
 
@@ -121,13 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--contrast", help="ACD between two layers: UPPER,LOWER (e.g. original,12 or 24,12)")
     gen.add_argument("--exit", type=int, help="decode from exit layer K alone")
     gen.add_argument("--alpha", type=float, default=0.1, help="ACD plausibility threshold (default 0.1)")
-    gen.add_argument("--max-new-tokens", type=int, default=50)
-    gen.add_argument("--do-sample", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--num-beams", type=int, default=1)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search (default off)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    gen.add_argument("--top-k", type=int, default=50, help="sampling: keep the k most likely tokens (default 50)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability (default 1.0: off)")
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: no beams; output is "
+                                                             "printed at the end instead of streamed when > 1)")
+    gen.add_argument("--seed", type=int, help="torch seed for sampling (default: unseeded)")
     gen.set_defaults(func=run_generate)
     # Training commands forward their arguments to moduleformer_exit.training.<module>.main (their own --help).
     for name, module, text in TRAINING_COMMANDS:

@@ -123,10 +123,17 @@ def load_corpus(data_files: Sequence[str] | str, data_format: str = "text", samp
     return ds.filter(lambda row: bool(row["text"] and row["text"].strip()))
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, model_max_length: int = 1024,
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, model_max_length: Optional[int] = None,
                     min_frequency: int = 2):
     """Train a byte-level BPE tokenizer and wrap it as a transformers ``PreTrainedTokenizerFast`` with
-    ``<|pad|>`` (0), ``<|bos|>`` (1), ``<|eos|>`` (2). Lossless on any UTF-8 text (byte alphabet)."""
+    ``<|pad|>`` (0), ``<|bos|>`` (1), ``<|eos|>`` (2). Lossless on any UTF-8 text (byte alphabet).
+
+    ``model_max_length`` defaults to transformers' "no limit" value: a ModuleFormer has no position limit (stick-
+    breaking attention, no position embeddings), so no "longer than the specified maximum" warning applies."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    if model_max_length is None:
+        model_max_length = VERY_LARGE_INTEGER
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -226,8 +233,7 @@ def build_lm_data(data_files: Sequence[str] | str, block_size: int, *, data_form
     corpus = load_corpus(data_files, data_format, sample_by, streaming, text_field)
     train_docs, heldout_docs = split_documents(corpus, heldout_fraction, seed)
     if tokenizer is None:
-        tokenizer = train_tokenizer((row["text"] for row in train_docs), vocab_size=vocab_size,
-                                    model_max_length=block_size)
+        tokenizer = train_tokenizer((row["text"] for row in train_docs), vocab_size=vocab_size)
     elif isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
