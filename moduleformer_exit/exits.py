@@ -121,7 +121,8 @@ class MultiExitMixin:
             if layer == ORIGINAL:
                 continue
             if not 1 <= layer <= num_layers:
-                raise ValueError(f"Exit layer {layer} is out of range: this model has exits 1..{num_layers}.")
+                raise ValueError(f"Exit layer {layer} is out of range: this model has {num_layers} layers (exit "
+                                 f"heads at {self.exit_layers}); choose one of them or 'original'.")
             if mode is not VocabularyProjectionMode.SHARED_PROJECTION_DIRECT and layer not in self.exit_layers:
                 raise ValueError(
                     f"Exit layer {layer} does not match the exit heads in the model (lm_head_layer_indices="

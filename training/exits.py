@@ -14,14 +14,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from moduleformer_exit.perplexity import heldout_perplexities
+
 from .data import BlockOrder, build_lm_data
-
-
-def exit_perplexities(model, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
-    """Held-out perplexity of every exit (``exit<k>``) and of the model's own head (``final``)."""
-    from moduleformer_exit.perplexity import heldout_perplexities
-
-    return heldout_perplexities(model, blocks, batch_size)
 
 
 def load_exit_model(base: str, layers: Sequence[int], init: str = "lm_head", freeze_existing: bool = False):
@@ -68,7 +63,7 @@ def train_exits(base: str, layers: Sequence[int], data_files: Sequence[str] | st
     data = build_lm_data(data_files, block_size, tokenizer=base, data_format=data_format, sample_by=sample_by,
                          heldout_fraction=heldout_fraction, seed=seed, max_heldout_blocks=max_heldout_blocks)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    before = exit_perplexities(model, data.heldout)
+    before = heldout_perplexities(model, data.heldout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("No trainable exit heads: check lm_head_layer_indices.")
@@ -85,7 +80,7 @@ def train_exits(base: str, layers: Sequence[int], data_files: Sequence[str] | st
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps}: exit loss {loss.item():.3f}")
     seconds = time.time() - t0
-    after = exit_perplexities(model, data.heldout)
+    after = heldout_perplexities(model, data.heldout)
     for n, p in model.named_parameters():  # the base really stayed frozen
         if n in frozen_before and not torch.equal(frozen_before[n], p):
             raise RuntimeError(f"Frozen parameter {n} changed during exit training.")
@@ -110,7 +105,8 @@ def main(argv=None) -> int:
 
     offline_by_default()
 
-    p = argparse.ArgumentParser(prog="moduleformer-exit train-exits", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="moduleformer-exit train-exits", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="base checkpoint directory (ModuleFormer, GPT-2 or GPT-Neo) with "
                                                   "its tokenizer")
     p.add_argument("--layers", required=True, help="comma-separated exit layers to add or train, e.g. 2,4 (the "
@@ -118,14 +114,15 @@ def main(argv=None) -> int:
     p.add_argument("--freeze-existing", action="store_true",
                    help="keep the model's existing exit heads fixed (default: train them further)")
     p.add_argument("--data", nargs="+", default=["bundled:austen"], help="text/json/parquet files or bundled:austen")
-    p.add_argument("--format", default="text", choices=("text", "json", "parquet"))
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--init", default="lm_head", choices=("lm_head", "random"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="text", choices=("text", "json", "parquet"), help="data file format")
+    p.add_argument("--output-dir", required=True, help="where the model with its exits and tokenizer is saved")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per step")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per block")
+    p.add_argument("--init", default="lm_head", choices=("lm_head", "random"),
+                   help="new heads start as a copy of lm_head (logit lens) or random")
+    p.add_argument("--seed", type=int, default=0, help="torch seed and data split seed")
     args = p.parse_args(argv)
     layers = [int(k) for k in args.layers.split(",") if k.strip()]
     result = train_exits(args.model, layers, args.data, args.output_dir, steps=args.steps, lr=args.lr,
