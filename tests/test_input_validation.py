@@ -2,7 +2,6 @@
 booleans and whole numbers in MultiExitConfiguration, an attention mask of the wrong length (all ones included),
 a zero-byte weights file."""
 import math
-import os
 
 import pytest
 import torch

@@ -82,7 +82,7 @@ def finetune(model_dir: str, data_files: Sequence[str] | str, output_dir: str, *
     import moduleformer_exit  # noqa: F401
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
                               DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator)
 
     from .data import build_lm_data

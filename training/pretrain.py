@@ -247,8 +247,9 @@ def train(recipe: dict, out_dir: str, resume: bool = True, progress: bool = True
                     else None})
     else:
         logger.log({"kind": "resume", "step": step, "position": position, "tag": tag})
-    bar = tqdm(total=t["max_steps"], initial=step, disable=not (progress and rank == 0), dynamic_ncols=True,
-               desc=recipe["name"])
+    # the bar only on a terminal: redrawn with \r and ANSI codes, it would litter a log file
+    bar = tqdm(total=t["max_steps"], initial=step, disable=not (progress and rank == 0 and sys.stderr.isatty()),
+               dynamic_ncols=True, desc=recipe["name"])
     engine.train()
     train_t0, train_tokens = time.time(), 0
     last_eval: dict = {}
