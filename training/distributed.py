@@ -18,6 +18,10 @@ RENDEZVOUS_TIMEOUT_ENV = "MODULEFORMER_EXIT_RENDEZVOUS_TIMEOUT"
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+_ADDED_ENV: list[str] = []  # variables ensure_dist_env set, removed again by shutdown_distributed
+_STORE = None  # our rendezvous store (its server socket is released on shutdown)
+
+
 class RendezvousError(RuntimeError):
     """The other processes of a multi-process run did not join in time."""
 
@@ -37,7 +41,16 @@ def _free_port() -> int:
 
 
 def ensure_dist_env() -> None:
-    """Default RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for a single process without a launcher."""
+    """Default RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for a single process without a launcher
+    (removed again by :func:`shutdown_distributed`, so a later run in the same process gets a fresh port)."""
+    before = set(os.environ)
+    try:
+        _ensure_dist_env()
+    finally:
+        _ADDED_ENV.extend(k for k in (*DIST_VARS, "DS_ACCELERATOR") if k in os.environ and k not in before)
+
+
+def _ensure_dist_env() -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -71,6 +84,8 @@ def _rendezvous(backend: str) -> None:
         raise RendezvousError(_stale_env_hint(
             f"Rank {rank} of WORLD_SIZE={world} waited {timeout:g} s for the other processes and gave up "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")) from None
+    global _STORE
+    _STORE = store
     store.set_timeout(datetime.timedelta(minutes=30))  # collectives and later store reads: the usual long timeout
     tdist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
@@ -101,6 +116,10 @@ def shutdown_distributed() -> None:
     exception")."""
     import torch.distributed as dist
 
+    global _STORE
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _STORE = None
+    while _ADDED_ENV:
+        os.environ.pop(_ADDED_ENV.pop(), None)
