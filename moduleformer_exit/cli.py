@@ -10,7 +10,6 @@ from typing import Optional, Sequence
 
 import torch
 
-BENCH_SECTIONS = ("moe", "attention", "decode", "acd", "training", "peers", "pruning")
 
 
 def _table(title: str, columns: Sequence[tuple[str, str]], rows: list[dict]) -> None:
@@ -27,96 +26,29 @@ def _table(title: str, columns: Sequence[tuple[str, str]], rows: list[dict]) -> 
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the selected benchmark sections (one process, one run) and print their tables."""
-    sections = BENCH_SECTIONS if args.only is None else tuple(args.only.split(","))
-    unknown = set(sections) - set(BENCH_SECTIONS)
+    """Run the selected benchmark sections (one process, one run; see ``benchmarks/sections.py``) and print their
+    tables. Process-wide settings (threads, flush-denormal, malloc thresholds) are restored afterwards."""
+    from .benchmarks.sections import SECTIONS, section_names
+    from .benchmarks.timing import process_settings
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU (none is visible to torch)")
+    sections = section_names(args.device) if args.only is None else tuple(args.only.split(","))
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
-        raise SystemExit(f"unknown bench section(s) {sorted(unknown)}; choose from {', '.join(BENCH_SECTIONS)}")
-    torch.set_num_threads(args.threads)
+        raise SystemExit(f"unknown bench section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
           f"fp32{' (quick sizes)' if args.quick else ''}")
     results: dict[str, list[dict]] = {}
-    if "moe" in sections:
-        from .benchmarks.moe import bench_moe_mlp
-
-        shapes = ((256, 64, 64, 8, 2),) if args.quick else ((4096, 1024, 1024, 32, 2), (4096, 1024, 256, 64, 4))
-        results["moe"] = bench_moe_mlp(shapes=shapes, threads=args.threads, naive=True,
-                                       **({"repeats": 2} if args.quick else {}))
-        _table("MoE MLP layer vs dense GEMM pair of equal active FLOPs (efficiency = dense / MoE; naive = IBM-style "
-               "Python loop over experts)",
-               [("N", "d"), ("d", "d"), ("h", "d"), ("E", "d"), ("k", "d"), ("fwd_moe_ms", ".1f"),
-                ("fwd_dense_ms", ".1f"), ("fwd_eff", ".2f"), ("fwdbwd_moe_ms", ".1f"), ("fwdbwd_dense_ms", ".1f"),
-                ("fwdbwd_eff", ".2f"), ("naive_fwd_ms", ".1f"), ("naive_fwdbwd_ms", ".1f")], results["moe"])
-    if "attention" in sections:
-        from .benchmarks.attention import bench_stick_breaking
-
-        seq_lens = (64, 128) if args.quick else (512, 1024, 2048)
-        rows = []
-        for skip, setting in ((True, "underflow skip (default)"), (False, "full walk (worst case)")):
-            for row in bench_stick_breaking(seq_lens=seq_lens, threads=args.threads, skip_underflow=skip,
-                                            **({"repeats": 2} if args.quick else {})):
-                rows.append({"setting": setting, **row})
-        results["attention"] = rows
-        _table("Stick-breaking attention fwd vs SDPA(is_causal) (B=1, 16 query heads, head_dim 64, N(0,1) inputs)",
-               [("setting", ""), ("T", "d"), ("sb_ms", ".1f"), ("sdpa_ms", ".1f"), ("ratio", ".2f"),
-                ("sb_peak_mb", ".1f"), ("sdpa_peak_mb", ".1f")], results["attention"])
-    if "decode" in sections:
-        from .benchmarks.decode import bench_decode
-
-        if args.quick:
-            from .configuration import ModuleFormerConfig, bundled_config_path
-
-            config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
-            results["decode"] = bench_decode(batch_sizes=(1, 2), prompt_len=4, new_tokens=4, config=config,
-                                             threads=args.threads, repeats=1)
-        else:
-            results["decode"] = bench_decode(threads=args.threads)
-        _table("Greedy decode with KV cache (HF generate)",
-               [("batch", "d"), ("prompt_len", "d"), ("new_tokens", "d"), ("seconds", ".2f"),
-                ("tokens_per_s", ".1f"), ("active_params", ",d")], results["decode"])
-        from .benchmarks.decode_limit import DECODE_LIMIT_COLUMNS, bench_decode_limit
-
-        results["decode_limit"] = (bench_decode_limit(config=config, batch_sizes=(1,), prompt_len=4, new_tokens=3,
-                                                      threads=args.threads, repeats=1)
-                                   if args.quick else bench_decode_limit(threads=args.threads))
-        _table("Decode step vs the memory-bandwidth limit (a chain of GEMVs over the same active weights; "
-               "of_limit = limit / step)", DECODE_LIMIT_COLUMNS, results["decode_limit"])
-    if "acd" in sections:
-        from .benchmarks.decode import bench_acd_decode
-
-        if args.quick:
-            from .configuration import ModuleFormerConfig, bundled_config_path
-
-            config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
-            results["acd"] = bench_acd_decode(prompt_len=4, new_tokens=4, config=config, threads=args.threads,
-                                              repeats=1)
-        else:
-            results["acd"] = bench_acd_decode(threads=args.threads)
-        _table("ACD greedy decode vs plain greedy, same model (batch 1; overhead = time / plain - 1)",
-               [("mode", ""), ("batch", "d"), ("new_tokens", "d"), ("seconds", ".2f"), ("tokens_per_s", ".1f"),
-                ("overhead", "+.1%")], results["acd"])
-    if "training" in sections:
-        try:
-            from .benchmarks.training import bench_training
-        except ImportError as error:  # the train extra is optional
-            raise SystemExit(f"bench training needs the train extra (pip install -e '.[train]'): {error}")
-        results["training"] = (bench_training(stages=(0,), steps=2, warmup=1, batch_size=4, seq_len=32)
-                               if args.quick else bench_training(threads=args.threads))
-        _table("Training step: DeepSpeed ZeRO stages vs a plain PyTorch loop, same model and batch (1 process)",
-               [("mode", ""), ("stage", ""), ("step_ms", ".1f"), ("tokens_per_s", ",.0f"), ("overhead_pct", "+.1f"),
-                ("peak_rss_mb", ".0f"), ("peak_delta_mb", ".0f")], results["training"])
-    if "pruning" in sections:
-        from .benchmarks.pruning import run_pruning_section
-
-        results["pruning"] = run_pruning_section(args, _table)
-    if "peers" in sections:
-        from .benchmarks.peers import PEERS_COLUMNS, bench_peers
-
-        results["peers"] = bench_peers(threads=args.threads, quick=args.quick)
-        _table("ModuleFormer vs transformers' JetMoE, matched shapes and active parameters (fp32; ratio = our "
-               "throughput / JetMoE's, fastest of interleaved runs)", PEERS_COLUMNS, results["peers"])
-    if args.device == "cuda":
-        run_cuda_bench(args, results)
+    options = {"pruning_model": args.pruning_model, "pruning_run_dir": args.pruning_run_dir}
+    with process_settings(threads=args.threads):
+        for name in sections:
+            section = SECTIONS[name]
+            results[name] = section.run(args.quick, args.threads, options)
+            if section.render is not None:
+                section.render(results[name], _table)
+            else:
+                _table(section.title, section.table_columns(), results[name])
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
@@ -127,7 +59,24 @@ def _parse_contrast(text: str) -> tuple:
     parts = [p.strip() for p in text.replace(";", ",").split(",")]
     if len(parts) != 2:
         raise SystemExit(f"--contrast takes two layers 'UPPER,LOWER' (e.g. original,12), got {text!r}")
-    return tuple(p if p.lower() == "original" else int(p) for p in parts)
+    try:
+        return tuple(p if p.lower() == "original" else int(p) for p in parts)
+    except ValueError:
+        raise SystemExit(f"--contrast layers must be 'original' or layer numbers (e.g. original,12), got {text!r}")
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """Name what is missing from a local checkpoint directory before transformers guesses at a Hub repo id."""
+    import os
+
+    if not os.path.isdir(model_dir):
+        raise SystemExit(f"--model {model_dir}: no such directory (a local checkpoint directory with config.json, "
+                         f"weights and tokenizer; everything runs offline)")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise SystemExit(f"--model {model_dir}: no config.json there; point --model at a save_pretrained directory")
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise SystemExit(f"--model {model_dir}: no tokenizer (tokenizer.json) there; save the tokenizer with the "
+                         f"model (tokenizer.save_pretrained(dir))")
 
 
 def load_for_generation(model_dir: str, contrast: Optional[str] = None, exit_layer: Optional[int] = None,
@@ -157,41 +106,26 @@ def run_generate(args: argparse.Namespace) -> int:
     """Generate from a prompt, streaming tokens to stdout as they are produced."""
     from transformers import AutoTokenizer, TextStreamer
 
+    _check_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = load_for_generation(args.model, args.contrast, args.exit, args.alpha)
     inputs = tokenizer(args.prompt, return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        raise SystemExit("the prompt is empty (it encodes to no token): give some text to continue")
+    model = load_for_generation(args.model, args.contrast, args.exit, args.alpha)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    # generate() refuses a streamer with beam search: stream only where the method allows it
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if args.num_beams == 1 else None
     with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                       temperature=args.temperature if args.do_sample else None,
-                       top_k=args.top_k if args.do_sample else None, top_p=args.top_p if args.do_sample else None,
-                       num_beams=args.num_beams, pad_token_id=pad_id, streamer=streamer)
+        tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                temperature=args.temperature if args.do_sample else None,
+                                top_k=args.top_k if args.do_sample else None,
+                                top_p=args.top_p if args.do_sample else None,
+                                num_beams=args.num_beams, pad_token_id=pad_id, streamer=streamer)
+    if streamer is None:
+        print(tokenizer.decode(tokens[0], skip_special_tokens=True))
     return 0
-
-
-def run_cuda_bench(args: argparse.Namespace, results: dict) -> None:
-    """GPU kernel rows (``--device cuda``): Triton routed experts, Triton stick-breaking vs SDPA, a training step."""
-    if not torch.cuda.is_available():
-        raise SystemExit("--device cuda needs a CUDA GPU (none is visible to torch)")
-    from .benchmarks.attention_cuda import bench_stick_breaking_cuda
-    from .benchmarks.kernels_cuda import TABLE_COLUMNS, bench_expert_kernels_cuda
-    from .benchmarks.model_cuda import bench_training_step_cuda
-
-    results["cuda_experts"] = bench_expert_kernels_cuda()
-    _table("GPU routed expert MLP vs dense GEMM pair of equal active FLOPs (bf16; eff = dense / path)", TABLE_COLUMNS,
-           results["cuda_experts"])
-    results["cuda_attention"] = bench_stick_breaking_cuda()
-    _table("GPU stick-breaking (Triton) vs SDPA(is_causal), bf16, head_dim 64",
-           [("T", "d"), ("B", "d"), ("sb_fwd_ms", ".3f"), ("sdpa_fwd_ms", ".3f"), ("ratio_fwd", ".2f"),
-            ("sb_fwdbwd_ms", ".3f"), ("sdpa_fwdbwd_ms", ".3f"), ("ratio_fwdbwd", ".2f"), ("sb_fwdbwd_peak_mb", ".0f"),
-            ("sdpa_fwdbwd_peak_mb", ".0f")], results["cuda_attention"])
-    results["cuda_training"] = [row for backend in ("triton", "torch") for row in bench_training_step_cuda(backend=backend)]
-    _table("GPU training step, ~350M-active ModuleFormer (bf16, fused AdamW)",
-           [("backend", ""), ("batch", "d"), ("seq_len", "d"), ("step_ms", ".1f"), ("tokens_per_s", ",.0f"),
-            ("tflops", ".1f"), ("mfu", ".1%"), ("host_syncs", "d")], results["cuda_training"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moduleformer-exit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="print benchmark tables (MoE layer, stick-breaking attention, decode, ACD)")
-    bench.add_argument("--only", help=f"comma-separated subset of {','.join(BENCH_SECTIONS)}")
+    from .benchmarks.sections import SECTIONS
+
+    bench.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)} (default: the CPU sections, "
+                                      f"plus cuda_* with --device cuda)")
     bench.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the command runs, not speed")
     bench.add_argument("--json", help="also write the rows to this JSON file")
@@ -214,13 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--contrast", help="ACD between two layers: UPPER,LOWER (e.g. original,12 or 24,12)")
     gen.add_argument("--exit", type=int, help="decode from exit layer K alone")
     gen.add_argument("--alpha", type=float, default=0.1, help="ACD plausibility threshold (default 0.1)")
-    gen.add_argument("--max-new-tokens", type=int, default=50)
-    gen.add_argument("--do-sample", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--num-beams", type=int, default=1)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search (default off)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    gen.add_argument("--top-k", type=int, default=50, help="sampling: keep the k most likely tokens (default 50)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability (default 1.0: off)")
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: no beams; output is "
+                                                             "printed at the end instead of streamed when > 1)")
+    gen.add_argument("--seed", type=int, help="torch seed for sampling (default: unseeded)")
     gen.set_defaults(func=run_generate)
     # Training commands forward their arguments to moduleformer_exit.training.<module>.main (their own --help).
     for name, module, text in TRAINING_COMMANDS:

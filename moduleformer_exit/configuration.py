@@ -1,6 +1,8 @@
 """ModuleFormerConfig: IBM's ModuleFormer / MoLM configuration (same field names and defaults), validated."""
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -188,12 +190,17 @@ class ModuleFormerConfig(PretrainedConfig):
                 f"ModuleFormerConfig.activation_function {self.activation_function!r} is not a transformers "
                 f"activation; use one of: {', '.join(sorted(ACT2FN))}."
             )
+        def is_number(value) -> bool:  # a real, finite number: not a string ("0.1"), a bool or NaN / inf
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "moe_pdrop"):
             value = getattr(self, name)
-            if not 0.0 <= float(value) < 1.0:
-                raise ValueError(f"ModuleFormerConfig.{name} must be in [0, 1), got {value!r}.")
-        if float(self.aux_loss_weight) < 0:
-            raise ValueError(f"ModuleFormerConfig.aux_loss_weight must be >= 0, got {self.aux_loss_weight!r}.")
+            if not is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"ModuleFormerConfig.{name} must be a number in [0, 1), got {value!r}"
+                                 f"{' (a string: write it without quotes)' if isinstance(value, str) else ''}.")
+        if not is_number(self.aux_loss_weight) or self.aux_loss_weight < 0:
+            raise ValueError(f"ModuleFormerConfig.aux_loss_weight must be a finite number >= 0, got "
+                             f"{self.aux_loss_weight!r}.")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(
                 f"ModuleFormerConfig.kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}."

@@ -121,7 +121,8 @@ class MultiExitMixin:
             if layer == ORIGINAL:
                 continue
             if not 1 <= layer <= num_layers:
-                raise ValueError(f"Exit layer {layer} is out of range: this model has exits 1..{num_layers}.")
+                raise ValueError(f"Exit layer {layer} is out of range: this model has {num_layers} layers (exit "
+                                 f"heads at {self.exit_layers}); choose one of them or 'original'.")
             if mode is not VocabularyProjectionMode.SHARED_PROJECTION_DIRECT and layer not in self.exit_layers:
                 raise ValueError(
                     f"Exit layer {layer} does not match the exit heads in the model (lm_head_layer_indices="
@@ -150,10 +151,30 @@ class MultiExitMixin:
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
-        """``from_pretrained`` that re-applies the freeze after the weights are loaded."""
-        model = super().from_pretrained(*args, **kwargs)
+        """``from_pretrained`` that refuses missing weights and re-applies the freeze after loading.
+
+        Missing weights are an error (:class:`~moduleformer_exit.loading.MissingWeightsError`) except the heads of
+        exits the runtime ``multi_exit_config.lm_head_layer_indices`` adds to the checkpoint's own (new heads, as
+        ``train-exits`` asks for)."""
+        from transformers import AutoConfig
+
+        from .loading import from_pretrained_strict
+
+        config = kwargs.get("config")
+        if config is None:
+            config = AutoConfig.from_pretrained(args[0] if args else kwargs["pretrained_model_name_or_path"])
+            kwargs["config"] = config
+        stored = set(getattr(config, "lm_head_layer_indices", None) or [])  # before __init__ applies the runtime
+        runtime = kwargs.get("multi_exit_config")
+        new = sorted(set(getattr(runtime, "lm_head_layer_indices", None) or []) - stored)
+        allowed = tuple(f"{HEAD_PREFIX}lm_head_{k}." for k in new) + ("name_to_conv_matrix.",)  # casts: identity
+        loaded = from_pretrained_strict(
+            super().from_pretrained, args, kwargs, lambda key: not key.startswith(allowed),
+            "to add new exit heads on purpose, pass multi_exit_config=MultiExitConfiguration(lm_head_layer_indices="
+            "...) naming them (as train-exits does).")
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.apply_freeze()
-        return model
+        return loaded
 
     # ----------------------------------------------------------------------------------------------- exits
     @property

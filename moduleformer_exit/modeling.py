@@ -154,6 +154,17 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         flops = flops_per_token(self.config, context_length)
         return flops["training"] if training else flops["forward"]
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """``PreTrainedModel.from_pretrained``, but a checkpoint lacking backbone or LM-head weights (a layer, an
+        expert, ...) raises ``MissingWeightsError`` instead of loading them randomly; new task heads (``score``)
+        are initialised as usual."""
+        from .loading import from_pretrained_strict
+
+        return from_pretrained_strict(super().from_pretrained, args, kwargs,
+                                      lambda key: key.startswith(("transformer.", "lm_head.")),
+                                      "a ModuleFormer's layers, experts and LM head cannot be trained from here.")
+
     def _init_weights(self, module: nn.Module) -> None:
         """HF init for Linear / Embedding / LayerNorm (normal(0, initializer_range), ones, zeros) plus IBM's init for
         expert tensors (U(-1/in, 1/in)) and gmm gate centroids (N(0, 1)) / temperature (0)."""
@@ -255,7 +266,9 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         if token_type_ids is not None:  # GPT-J legacy kept by IBM: token types reuse the word embedding
             hidden_states = hidden_states + self.wte(token_type_ids)
         hidden_states = self.drop(hidden_states)
-        attention_mask = self._prepare_attention_mask(attention_mask)
+        past = cache.get_seq_length() if cache is not None else 0
+        attention_mask = self._prepare_attention_mask(attention_mask, hidden_states.shape[0],
+                                                      past + hidden_states.shape[1])
 
         aux_loss = None
         for block in self.h[: self.config.n_layer]:
@@ -266,14 +279,16 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         return ModuleFormerModelOutput(last_hidden_state=hidden_states, aux_loss=aux_loss, **cache_kwargs(cache))
 
     @staticmethod
-    def _prepare_attention_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
-        """Validate the 2-D 0/1 mask; drop it when nothing is masked (the unmasked kernels are faster). The
-        all-visible test is a host read, skipped while tracing (the masked path gives the same result)."""
+    def _prepare_attention_mask(attention_mask: Optional[Tensor], batch: int, length: int) -> Optional[Tensor]:
+        """Validate the 2-D 0/1 mask against ``[batch, length]`` (length = past + new; checked first, shapes
+        only, so an all-ones mask of the wrong length is refused too); drop it when nothing is masked (the unmasked
+        kernels are faster). The all-visible test is a host read, skipped while tracing."""
         if attention_mask is None:
             return None
-        if attention_mask.dim() != 2:
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length):
             raise ValueError(
-                f"attention_mask must be 2-D [batch, past + new] of 0/1, got shape {tuple(attention_mask.shape)}."
+                f"attention_mask must be 2-D [batch, past + new] = [{batch}, {length}] of 0/1, got shape "
+                f"{tuple(attention_mask.shape)}."
             )
         if not _tracing() and bool(attention_mask.all()):
             return None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import enum
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -32,6 +33,29 @@ def _parse_index(value: Any) -> LayerIndex:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"Exit layer {value!r} must be an integer (1-based block count) or 'original'.")
     return value
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    """A bool, or its string form as lm-eval passes it (``True``/``false``/``1``/``0``, any case)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
+
+
+def _parse_whole(name: str, value: Any) -> int:
+    """An integer, or a string / float holding a whole number (never truncated: 2.7 is an error)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number) or number != int(number):
+        raise ValueError(f"{name} must be a whole number, got {value!r}.")
+    return int(number)
 
 
 def _parse_indices(value: Any) -> Optional[tuple]:
@@ -77,10 +101,8 @@ class MultiExitConfiguration:
                     f"lm_head_layer_indices must be integers (1-based layers), got {self.lm_head_layer_indices!r}."
                 )
             self.lm_head_layer_indices = indices
-        if isinstance(self.use_original_head, str):
-            self.use_original_head = ast.literal_eval(self.use_original_head.strip())
-        if isinstance(self.freeze_parameters, str):
-            self.freeze_parameters = ast.literal_eval(self.freeze_parameters.strip())
+        self.use_original_head = _parse_bool("use_original_head", self.use_original_head)
+        self.freeze_parameters = _parse_bool("freeze_parameters", self.freeze_parameters)
         if isinstance(self.output_layer_index, str):
             self.output_layer_index = int(self.output_layer_index)
         if isinstance(self.vocab_projection_mode, str):
@@ -91,8 +113,11 @@ class MultiExitConfiguration:
                 raise ValueError(f"Unknown vocab_projection_mode {self.vocab_projection_mode!r}; use one of {names}.")
         elif isinstance(self.vocab_projection_mode, int):
             self.vocab_projection_mode = VocabularyProjectionMode(self.vocab_projection_mode)
-        self.alpha = float(self.alpha)
-        self.minimum_candidates = int(self.minimum_candidates)
+        try:
+            self.alpha = float(self.alpha)
+        except (TypeError, ValueError):
+            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}.") from None
+        self.minimum_candidates = _parse_whole("minimum_candidates", self.minimum_candidates)
         self.contrast_layer_indices = _parse_indices(self.contrast_layer_indices)
         self._validate()
 

@@ -62,3 +62,25 @@ def test_bench_quick_prints_tables(capsys, tmp_path):
     for title in ("MoE MLP layer", "Stick-breaking attention", "Greedy decode", "ACD greedy decode"):
         assert title in printed
     assert out_json.exists()
+
+
+def test_generate_errors_name_the_problem(model_dir, tmp_path, capsys):
+    # issue #10 item 11: missing directory, missing tokenizer, empty prompt, non-numeric contrast, beam search
+    directory, tokenizer = model_dir
+    with pytest.raises(SystemExit, match="no such directory"):
+        main(["generate", "--model", str(tmp_path / "nope"), "hi"])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((directory / "config.json").read_text())
+    with pytest.raises(SystemExit, match="no tokenizer"):
+        main(["generate", "--model", str(bare), "hi"])
+    with pytest.raises(SystemExit, match="prompt is empty"):
+        main(["generate", "--model", str(directory), ""])
+    with pytest.raises(SystemExit, match="'original' or layer numbers"):
+        main(["generate", "--model", str(directory), "--contrast", "original,x", "hi"])
+    assert main(["generate", "--model", str(directory), "--num-beams", "3", "--max-new-tokens", "4",
+                 "a single man"]) == 0
+    model = AutoMultiExitModel.from_pretrained(directory).eval()
+    prompt = tokenizer("a single man", return_tensors="pt")
+    tokens = model.generate(**prompt, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    assert capsys.readouterr().out.strip() == tokenizer.decode(tokens[0], skip_special_tokens=True).strip()

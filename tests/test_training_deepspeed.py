@@ -3,6 +3,7 @@ write never replaces the last good one, 2-process ZeRO-2 through torchrun, expor
 training and fine-tuning on the exported model."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("datasets")
 
+KILLER = os.path.join(os.path.dirname(__file__), "helpers", "kill_pretrain.py")
 STEPS = 8  # tiny recipe: checkpoints at steps 3, 6 and 8 (save_interval 3 + the end)
 
 
@@ -21,7 +23,6 @@ def _env(tmp_root):
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                TORCH_EXTENSIONS_DIR=str(tmp_root / "torch_extensions"))
-    env.pop("MODULEFORMER_EXIT_FAULT", None)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
@@ -29,13 +30,13 @@ def _env(tmp_root):
 
 def _pretrain(tmp_root, out, *extra, fault=None, nproc=1, sets=()):
     env = _env(tmp_root)
-    if fault:
-        env["MODULEFORMER_EXIT_FAULT"] = fault
     args = ["tiny", "--output-dir", str(out), "--no-progress", "--set", f"data.files=[\"{tmp_root / 'corpus.txt'}\"]",
             "--set", f"training.max_steps={STEPS}", "--set", "training.eval_interval=4"]
     for s in sets:
         args += ["--set", s]
-    if nproc == 1:
+    if fault:  # "phase:step", see tests/helpers/kill_pretrain.py
+        cmd = [sys.executable, str(KILLER), fault, *args, *extra]
+    elif nproc == 1:
         cmd = [sys.executable, "-m", "moduleformer_exit.training.pretrain", *args, *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
@@ -97,7 +98,7 @@ def test_reference_run_outputs(reference):
 
 def test_kill9_mid_run_then_exact_resume(root, reference):
     out = root / "killed"
-    proc = _pretrain(root, out, fault="kill_after_step:5")
+    proc = _pretrain(root, out, fault="after_step:5")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert open(out / "checkpoints" / "latest").read() == "step_3"
     assert max(_records(out, "train")) == 5
@@ -109,16 +110,34 @@ def test_kill9_mid_run_then_exact_resume(root, reference):
 
 def test_interrupted_checkpoint_write_keeps_last_good(root, reference):
     out = root / "killed_in_save"
-    proc = _pretrain(root, out, fault="kill_in_save:6")
+    proc = _pretrain(root, out, fault="after_staging:6")
     assert proc.returncode == -signal.SIGKILL
     ckpt = out / "checkpoints"
-    assert (ckpt / "step_6").is_dir()  # DeepSpeed's files of step 6 were written ...
+    assert (ckpt / "step_6.tmp" / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed's files of step 6 were written ...
     assert open(ckpt / "latest").read() == "step_3"  # ... but the pointer still names the last complete one
     assert not (ckpt / "latest.tmp").exists()
     proc = _pretrain(root, out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _records(out, "resume")[3]["tag"] == "step_3"
     _assert_same_training(reference, out)
+
+
+def test_no_resume_restart_killed_while_replacing_the_latest_checkpoint(root, reference):
+    # a --no-resume rerun saving only at the end re-writes step_8, the checkpoint latest names; killed after the old
+    # step_8 moved aside and before the new one took its place, the rerun still resumes the old, whole step_8
+    out = root / "no_resume_killed"
+    shutil.copytree(reference, out)
+    sets = ["training.save_interval=100"]
+    proc = _pretrain(root, out, "--no-resume", fault=f"between_renames:{STEPS}", sets=sets)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ckpt = out / "checkpoints"
+    assert open(ckpt / "latest").read() == f"step_{STEPS}" and not (ckpt / f"step_{STEPS}").exists()
+    proc = _pretrain(root, out, sets=sets)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _records(out, "resume")[STEPS]["tag"] == f"step_{STEPS}"
+    heldout = json.loads(proc.stdout.strip().splitlines()[-1])["heldout"]  # evaluated on the resumed weights
+    ref_eval = _records(reference, "eval")[STEPS]
+    assert heldout == {k: v for k, v in ref_eval.items() if k.startswith("ppl")}
 
 
 def test_two_process_zero2_torchrun_matches_single_process(root, reference):
@@ -174,6 +193,15 @@ def test_train_exits_on_frozen_base(root, reference, tmp_path):
         assert res["after"][k] < res["before"][k]
     assert AutoMultiExitModel.from_pretrained(str(tmp_path / "mf_exits")).exit_layers == [1, 2]
 
+    # the base's own exits are kept: training exit 2 alone keeps the trained exit 1 (here fixed)
+    res = train_exits(str(reference / "final"), [2], corpus, str(tmp_path / "keep"), steps=3, lr=1e-2,
+                      batch_size=8, block_size=32, max_heldout_blocks=16, freeze_existing=True)
+    assert AutoMultiExitModel.from_pretrained(str(tmp_path / "keep")).exit_layers == [1, 2]
+    assert res["before"]["exit1"] == pytest.approx(res["after"]["exit1"])  # frozen ...
+    kept = AutoMultiExitModel.from_pretrained(str(tmp_path / "keep")).name_to_lm_exit_head["lm_head_1"].weight
+    trained = AutoMultiExitModel.from_pretrained(str(reference / "final")).name_to_lm_exit_head["lm_head_1"].weight
+    assert torch.equal(kept, trained)  # ... and the trained head, not re-initialised
+
     # GPT-2 base through the same path
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -197,6 +225,11 @@ def test_finetune_lora_and_classification(root, reference, tmp_path):
                  max_steps=4, lr=5e-3, batch_size=4, eval_fraction=0.02, lora={"r": 4})
     assert m["perplexity"] < m["perplexity_before"]
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "ft"))  # merged LoRA saves as a plain checkpoint
+    from moduleformer_exit import AutoMultiExitModel
+
+    # the exit head survives fine-tuning (the strict loader refuses a config naming a head the weights lack)
+    assert AutoMultiExitModel.from_pretrained(str(tmp_path / "ft")).exit_layers == [1]
+    assert m["perplexity_exit1"] > 1
 
     data = tmp_path / "cls.jsonl"
     rows = [{"text": f"{'happy glad joy' if i % 2 else 'sad gloomy grief'} {i}", "label": i % 2} for i in range(40)]
@@ -206,6 +239,7 @@ def test_finetune_lora_and_classification(root, reference, tmp_path):
     assert "eval_loss" in m
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "cls"))
     assert model.config.num_labels == 2
+    assert not getattr(model.config, "lm_head_layer_indices", None)  # names no exit head it lacks
 
 
 def test_finetune_hf_trainer_deepspeed_zero3_two_processes(root, reference, tmp_path):

@@ -47,6 +47,61 @@ def resolve_data_files(data_files: Sequence[str] | str) -> list[str]:
     return out
 
 
+_SNIFF_BYTES = 1 << 16
+
+
+def check_data_files(paths: Sequence[str], data_format: str = "text") -> None:
+    """Raise ValueError naming the file and the problem if a data file cannot be what ``data_format`` says: empty or
+    whitespace-only, binary (NUL bytes) or invalid UTF-8 text, JSON that is neither JSON lines nor a JSON document,
+    or parquet without the parquet magic. Checked before any work starts (``datasets`` fails far later, unnamed)."""
+    import codecs
+    import json
+
+    for path in paths:
+        size = os.path.getsize(path)
+        hint = f"Fix or remove {path} from the data files."
+        if size == 0:
+            raise ValueError(f"Data file {path} is empty (0 bytes). {hint}")
+        if data_format == "parquet":
+            with open(path, "rb") as f:
+                if f.read(4) != b"PAR1":
+                    raise ValueError(f"Data file {path} is not a parquet file (no PAR1 magic) but the format is "
+                                     f"parquet. {hint}")
+            continue
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        seen_text, offset, head = False, 0, ""
+        with open(path, "rb") as f:
+            while chunk := f.read(_SNIFF_BYTES):
+                nul = chunk.find(b"\0")
+                if nul >= 0:
+                    raise ValueError(f"Data file {path} looks binary (NUL byte at offset {offset + nul}), not "
+                                     f"{data_format} text. {hint}")
+                try:
+                    text = decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"Data file {path} is not valid UTF-8 (byte offset {offset + e.start}). Convert "
+                                     f"it (e.g. iconv -f latin1 -t utf-8). {hint}") from None
+                seen_text = seen_text or bool(text.strip())
+                if len(head) < _SNIFF_BYTES:
+                    head += text
+                offset += len(chunk)
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise ValueError(f"Data file {path} ends inside a UTF-8 character (truncated?). {hint}") from None
+        if not seen_text:
+            raise ValueError(f"Data file {path} holds only whitespace: nothing to train on. {hint}")
+        if data_format == "json":
+            first = head.lstrip()
+            line = first.split("\n", 1)[0]
+            try:
+                json.loads(line)
+            except ValueError:
+                if not first.startswith(("[", "{")):
+                    raise ValueError(f"Data file {path} is not JSON lines (first line {line[:60]!r} is not JSON) but "
+                                     f"the format is json; use format text for plain text. {hint}") from None
+
+
 def load_corpus(data_files: Sequence[str] | str, data_format: str = "text", sample_by: str = "paragraph",
                 streaming: bool = False, text_field: str = "text"):
     """A ``datasets`` Dataset (or IterableDataset with ``streaming``) with one ``text`` column, one document a row.
@@ -68,10 +123,17 @@ def load_corpus(data_files: Sequence[str] | str, data_format: str = "text", samp
     return ds.filter(lambda row: bool(row["text"] and row["text"].strip()))
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, model_max_length: int = 1024,
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, model_max_length: Optional[int] = None,
                     min_frequency: int = 2):
     """Train a byte-level BPE tokenizer and wrap it as a transformers ``PreTrainedTokenizerFast`` with
-    ``<|pad|>`` (0), ``<|bos|>`` (1), ``<|eos|>`` (2). Lossless on any UTF-8 text (byte alphabet)."""
+    ``<|pad|>`` (0), ``<|bos|>`` (1), ``<|eos|>`` (2). Lossless on any UTF-8 text (byte alphabet).
+
+    ``model_max_length`` defaults to transformers' "no limit" value: a ModuleFormer has no position limit (stick-
+    breaking attention, no position embeddings), so no "longer than the specified maximum" warning applies."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    if model_max_length is None:
+        model_max_length = VERY_LARGE_INTEGER
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -171,8 +233,7 @@ def build_lm_data(data_files: Sequence[str] | str, block_size: int, *, data_form
     corpus = load_corpus(data_files, data_format, sample_by, streaming, text_field)
     train_docs, heldout_docs = split_documents(corpus, heldout_fraction, seed)
     if tokenizer is None:
-        tokenizer = train_tokenizer((row["text"] for row in train_docs), vocab_size=vocab_size,
-                                    model_max_length=block_size)
+        tokenizer = train_tokenizer((row["text"] for row in train_docs), vocab_size=vocab_size)
     elif isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
@@ -230,5 +291,5 @@ def iter_batches(blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor
 __all__ = [
     "BlockOrder", "LMData", "build_lm_data", "bundled_corpus_files", "load_corpus", "pack_blocks",
     "tokenize_and_pack", "train_tokenizer", "unigram_perplexity", "split_documents", "batch_positions",
-    "blocks_to_tensor", "resolve_data_files", "iter_batches", "SPECIAL_TOKENS",
+    "blocks_to_tensor", "check_data_files", "resolve_data_files", "iter_batches", "SPECIAL_TOKENS",
 ]

@@ -14,30 +14,36 @@ from typing import Optional, Sequence
 
 import torch
 
+from moduleformer_exit.perplexity import heldout_perplexities
+
 from .data import BlockOrder, build_lm_data
 
 
-def exit_perplexities(model, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
-    """Held-out perplexity of every exit (``exit<k>``) and of the model's own head (``final``)."""
-    from moduleformer_exit.perplexity import heldout_perplexities
+def load_exit_model(base: str, layers: Sequence[int], init: str = "lm_head", freeze_existing: bool = False):
+    """The base with frozen backbone and exit heads at ``layers`` plus the exits it already has (never dropped).
 
-    return heldout_perplexities(model, blocks, batch_size)
-
-
-def load_exit_model(base: str, layers: Sequence[int], init: str = "lm_head"):
-    """The base with new frozen-backbone exit heads at ``layers``."""
+    New heads start as a copy of ``lm_head`` (``init="lm_head"``) or random; existing heads keep their trained
+    weights and train further, or stay fixed with ``freeze_existing``."""
     import moduleformer_exit  # noqa: F401  (registers ModuleFormer)
+    from transformers import AutoConfig
+
     from moduleformer_exit import AutoMultiExitModel, MultiExitConfiguration
 
     if init not in ("lm_head", "random"):
         raise ValueError(f"init must be 'lm_head' or 'random', got {init!r}.")
-    cfg = MultiExitConfiguration(lm_head_layer_indices=tuple(layers), freeze_parameters=True)
+    existing = set(getattr(AutoConfig.from_pretrained(base), "lm_head_layer_indices", None) or [])
+    all_layers = sorted(existing | set(layers))
+    cfg = MultiExitConfiguration(lm_head_layer_indices=tuple(all_layers), freeze_parameters=True)
     model = AutoMultiExitModel.from_pretrained(base, multi_exit_config=cfg)
+    new = [k for k in all_layers if k not in existing]
     if init == "lm_head":
         with torch.no_grad():
-            for k in model.exit_layers:
+            for k in new:
                 model.name_to_lm_exit_head[f"lm_head_{k}"].weight.copy_(model.lm_head.weight)
     model.apply_freeze()
+    if freeze_existing:
+        for k in existing:
+            model.name_to_lm_exit_head[f"lm_head_{k}"].weight.requires_grad_(False)
     return model
 
 
@@ -45,18 +51,19 @@ def train_exits(base: str, layers: Sequence[int], data_files: Sequence[str] | st
                 *, steps: int = 200, lr: float = 1e-3, batch_size: int = 8, block_size: int = 128,
                 heldout_fraction: float = 0.05, max_heldout_blocks: int = 64, seed: int = 0,
                 init: str = "lm_head", data_format: str = "text", sample_by: str = "paragraph",
-                log_every: int = 0) -> dict:
-    """Train exit heads on a frozen base; returns ``{"before": {...}, "after": {...}, "seconds": s}``."""
+                log_every: int = 0, freeze_existing: bool = False) -> dict:
+    """Train exit heads on a frozen base (the base's own exits are kept: trained further, or fixed with
+    ``freeze_existing``); returns ``{"before": {...}, "after": {...}, "seconds": s}``."""
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
     torch.set_flush_denormal(True)  # CPU: denormals slow fresh heads down by orders of magnitude
     torch.manual_seed(seed)
-    model = load_exit_model(base, layers, init)
+    model = load_exit_model(base, layers, init, freeze_existing)
     data = build_lm_data(data_files, block_size, tokenizer=base, data_format=data_format, sample_by=sample_by,
                          heldout_fraction=heldout_fraction, seed=seed, max_heldout_blocks=max_heldout_blocks)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    before = exit_perplexities(model, data.heldout)
+    before = heldout_perplexities(model, data.heldout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("No trainable exit heads: check lm_head_layer_indices.")
@@ -73,7 +80,7 @@ def train_exits(base: str, layers: Sequence[int], data_files: Sequence[str] | st
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps}: exit loss {loss.item():.3f}")
     seconds = time.time() - t0
-    after = exit_perplexities(model, data.heldout)
+    after = heldout_perplexities(model, data.heldout)
     for n, p in model.named_parameters():  # the base really stayed frozen
         if n in frozen_before and not torch.equal(frozen_before[n], p):
             raise RuntimeError(f"Frozen parameter {n} changed during exit training.")
@@ -94,24 +101,34 @@ def main(argv=None) -> int:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="moduleformer-exit train-exits", description=__doc__.split("\n\n")[0])
+    from .distributed import offline_by_default
+
+    offline_by_default()
+
+    p = argparse.ArgumentParser(prog="moduleformer-exit train-exits", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="base checkpoint directory (ModuleFormer, GPT-2 or GPT-Neo) with "
                                                   "its tokenizer")
-    p.add_argument("--layers", required=True, help="comma-separated exit layers, e.g. 2,4")
+    p.add_argument("--layers", required=True, help="comma-separated exit layers to add or train, e.g. 2,4 (the "
+                                                   "model's existing exits are always kept)")
+    p.add_argument("--freeze-existing", action="store_true",
+                   help="keep the model's existing exit heads fixed (default: train them further)")
     p.add_argument("--data", nargs="+", default=["bundled:austen"], help="text/json/parquet files or bundled:austen")
-    p.add_argument("--format", default="text", choices=("text", "json", "parquet"))
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--init", default="lm_head", choices=("lm_head", "random"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="text", choices=("text", "json", "parquet"), help="data file format")
+    p.add_argument("--output-dir", required=True, help="where the model with its exits and tokenizer is saved")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per step")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per block")
+    p.add_argument("--init", default="lm_head", choices=("lm_head", "random"),
+                   help="new heads start as a copy of lm_head (logit lens) or random")
+    p.add_argument("--seed", type=int, default=0, help="torch seed and data split seed")
     args = p.parse_args(argv)
     layers = [int(k) for k in args.layers.split(",") if k.strip()]
     result = train_exits(args.model, layers, args.data, args.output_dir, steps=args.steps, lr=args.lr,
                          batch_size=args.batch_size, block_size=args.block_size, init=args.init, seed=args.seed,
-                         data_format=args.format, log_every=max(1, args.steps // 10))
+                         data_format=args.format, log_every=max(1, args.steps // 10),
+                         freeze_existing=args.freeze_existing)
     print(format_report(result))
     print(json.dumps({k: result[k] for k in ("before", "after", "output_dir")}))
     return 0

@@ -20,7 +20,7 @@ TASKS = ("causal-lm", "sequence-classification")
 def _deepspeed_setup(ds_config) -> Optional[dict | str]:
     if ds_config is None:
         return None
-    from .pretrain import ensure_dist_env
+    from .distributed import ensure_dist_env
 
     ensure_dist_env()
     import deepspeed
@@ -46,18 +46,43 @@ def _apply_lora(model, lora: dict, task: str):
     return get_peft_model(model, cfg)
 
 
+def _load_causal_lm(model_dir: str, exit_heads: str):
+    """The checkpoint as a causal LM; a multi-exit checkpoint keeps its exit heads (``exit_heads="train"``: the
+    loss is the original head's CE plus the exits', ``"freeze"``: the heads stay fixed, the loss is the original
+    head's CE), so the saved model still has every head its config names."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moduleformer_exit import AutoMultiExitModel
+
+    if exit_heads not in ("train", "freeze"):
+        raise ValueError(f"exit_heads must be 'train' or 'freeze', got {exit_heads!r}.")
+    if not getattr(AutoConfig.from_pretrained(model_dir), "lm_head_layer_indices", None):
+        return AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoMultiExitModel.from_pretrained(model_dir)
+    model.config.lm_loss_weight = 1.0
+    if exit_heads == "freeze":
+        model.config.exit_loss_weight = 0.0
+        for name, p in model.named_parameters():
+            if name.startswith("name_to_lm_exit_head."):
+                p.requires_grad_(False)
+    elif not model.config.exit_loss_weight:
+        model.config.exit_loss_weight = 1.0
+    return model
+
+
 def finetune(model_dir: str, data_files: Sequence[str] | str, output_dir: str, *, task: str = "causal-lm",
              data_format: str = "text", sample_by: str = "paragraph", text_field: str = "text",
              label_field: str = "label", num_labels: Optional[int] = None, block_size: int = 128,
              max_steps: int = 100, lr: float = 1e-4, batch_size: int = 8, gradient_accumulation_steps: int = 1,
              eval_fraction: float = 0.05, seed: int = 0, deepspeed=None, lora: Optional[dict] = None,
-             merge_lora: bool = True, logging_steps: int = 10) -> dict:
+             merge_lora: bool = True, logging_steps: int = 10, exit_heads: str = "train") -> dict:
     """Fine-tune ``model_dir`` (with its tokenizer) and save the result (merged LoRA by default) with the tokenizer
-    in ``output_dir``; returns the Trainer's eval metrics (+ ``perplexity`` for causal LM)."""
+    in ``output_dir``; returns the Trainer's eval metrics (+ ``perplexity`` for causal LM, and ``perplexity_exit<k>``
+    for a multi-exit checkpoint, whose exit heads are kept: ``exit_heads`` "train" or "freeze")."""
     import moduleformer_exit  # noqa: F401
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
                               DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator)
 
     from .data import build_lm_data
@@ -72,7 +97,7 @@ def finetune(model_dir: str, data_files: Sequence[str] | str, output_dir: str, *
                              sample_by=sample_by, text_field=text_field, heldout_fraction=eval_fraction, seed=seed)
         train_ds = Dataset.from_dict({"input_ids": data.train.tolist(), "labels": data.train.tolist()})
         eval_ds = Dataset.from_dict({"input_ids": data.heldout.tolist(), "labels": data.heldout.tolist()})
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = _load_causal_lm(model_dir, exit_heads)
         collator = default_data_collator
     else:
         from datasets import load_dataset
@@ -98,6 +123,7 @@ def finetune(model_dir: str, data_files: Sequence[str] | str, output_dir: str, *
         train_ds, eval_ds = split["train"], split["test"]
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
         model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.lm_head_layer_indices = []  # a classifier has no exit heads: its config must not name any
         collator = DataCollatorWithPadding(tokenizer)
     if lora:
         model = _apply_lora(model, lora, task)
@@ -111,14 +137,25 @@ def finetune(model_dir: str, data_files: Sequence[str] | str, output_dir: str, *
     # Evaluating before training would make the Trainer build a ZeRO *inference* engine (stage 3 only): skip it
     # under DeepSpeed.
     before = None if ds_config is not None else trainer.evaluate()
+    multi_exit = task == "causal-lm" and bool(getattr(model.config, "lm_head_layer_indices", None))
+    if multi_exit:  # eval_loss sums several heads' CEs: perplexities per head from the model's loss parts
+        from moduleformer_exit.perplexity import heldout_perplexities
+
+        ppl_before = heldout_perplexities(trainer.model, data.heldout, batch_size) if before is not None else None
     trainer.train()
     metrics = trainer.evaluate()
     if before is not None:
         metrics["eval_loss_before"] = before["eval_loss"]
     if task == "causal-lm":
-        if before is not None:
-            metrics["perplexity_before"] = math.exp(before["eval_loss"])
-        metrics["perplexity"] = math.exp(metrics["eval_loss"])
+        if multi_exit:
+            for suffix, ppl in (("_before", ppl_before), ("", heldout_perplexities(trainer.model, data.heldout,
+                                                                                   batch_size))):
+                for head, value in (ppl or {}).items():
+                    metrics[f"perplexity{'' if head == 'final' else '_' + head}{suffix}"] = value
+        else:
+            if before is not None:
+                metrics["perplexity_before"] = math.exp(before["eval_loss"])
+            metrics["perplexity"] = math.exp(metrics["eval_loss"])
     if not lora:
         trainer.save_model(output_dir)  # every rank: gathers ZeRO-3 partitions (stage3_gather_16bit_weights_...)
     elif trainer.is_world_process_zero():  # LoRA: merged weights (default) or the adapter alone
@@ -136,7 +173,8 @@ def finetune(model_dir: str, data_files: Sequence[str] | str, output_dir: str, *
 def build_parser():
     import argparse
 
-    p = argparse.ArgumentParser(prog="moduleformer-exit finetune", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="moduleformer-exit finetune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory with its tokenizer")
     p.add_argument("--data", nargs="+", required=True, help="local text/json/parquet files (or bundled:austen)")
     p.add_argument("--output-dir", required=True)
@@ -155,13 +193,18 @@ def build_parser():
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--lora-targets", default=None, help="comma-separated module names (default k_proj,v_proj)")
     p.add_argument("--no-merge-lora", action="store_true", help="save the adapter instead of merged weights")
+    p.add_argument("--exit-heads", default="train", choices=("train", "freeze"),
+                   help="a multi-exit checkpoint's exit heads: fine-tune them with the model or keep them fixed "
+                        "(they are always kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv=None) -> int:
-    from .pretrain import shutdown_distributed
+    from .distributed import offline_by_default, shutdown_distributed
+
+    offline_by_default()
 
     args = build_parser().parse_args(argv)
     lora = None
@@ -175,7 +218,8 @@ def main(argv=None) -> int:
                        text_field=args.text_field, label_field=args.label_field, num_labels=args.num_labels,
                        block_size=args.block_size, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                        gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed,
-                       deepspeed=args.deepspeed, lora=lora, merge_lora=not args.no_merge_lora)
+                       deepspeed=args.deepspeed, lora=lora, merge_lora=not args.no_merge_lora,
+                       exit_heads=args.exit_heads)
     shutdown_distributed()
     print(json.dumps(metrics))
     return 0

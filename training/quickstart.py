@@ -10,12 +10,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-
-def _offline_env() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from .distributed import offline_by_default
 
 
 def plot_loss_curve(log_path: str, png_path: str) -> str:
@@ -75,7 +70,7 @@ def generate_samples(final_dir: str, prompt: str, max_new_tokens: int = 40) -> d
 def run_quickstart(output_dir: str = "runs/quickstart", max_steps: Optional[int] = None,
                    overrides: Sequence[str] = (), prompt: str = "It is a truth universally acknowledged, that",
                    progress: bool = True) -> dict:
-    _offline_env()
+    offline_by_default()
     from .pretrain import train
     from .recipe import load_recipe
 
@@ -111,11 +106,13 @@ def run_quickstart(output_dir: str = "runs/quickstart", max_steps: Optional[int]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
+    offline_by_default()
+
     p = argparse.ArgumentParser(prog="moduleformer-exit quickstart", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", default="runs/quickstart")
+    p.add_argument("--output-dir", default="runs/quickstart", help="run directory (default: runs/quickstart)")
     p.add_argument("--max-steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (default: shown)")
     args = p.parse_args(argv)
     run_quickstart(args.output_dir, args.max_steps, args.set, progress=not args.no_progress)
     return 0

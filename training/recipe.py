@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from importlib.resources import files as _package_files
 from typing import Any, Optional, Sequence
 
@@ -144,6 +145,11 @@ def validate_recipe(recipe: dict) -> None:
             errors.append(msg)
 
     t, d, ds, ex = recipe["training"], recipe["data"], recipe["deepspeed"], recipe["exits"]
+    name = recipe.get("name")
+    need(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) is not None
+         and ".." not in name,
+         f"name must be a plain run name (letters, digits, '.', '_', '-'; no '/' or '..'; it names runs/<name>), "
+         f"got {name!r}")
     for key in ("max_steps", "log_interval", "eval_interval", "save_interval", "eval_batch_size"):
         need(_is_int(t[key]) and t[key] > 0, f"training.{key} must be a positive integer, got {t[key]!r}")
     need(_is_int(t["keep_checkpoints"]) and t["keep_checkpoints"] >= 1,
@@ -170,11 +176,13 @@ def validate_recipe(recipe: dict) -> None:
 
     need(isinstance(d["files"], (list, str)) and len(d["files"]) > 0, "data.files must be a non-empty list of paths")
     if isinstance(d["files"], (list, str)):
-        from .data import resolve_data_files
+        from .data import check_data_files, resolve_data_files
 
         try:
-            resolve_data_files(d["files"])
-        except FileNotFoundError as e:
+            resolved = resolve_data_files(d["files"])
+            if d["format"] in ("text", "json", "parquet"):
+                check_data_files(resolved, d["format"])
+        except (FileNotFoundError, ValueError) as e:
             errors.append(f"data.files: {e}")
     need(d["format"] in ("text", "json", "parquet"), f"data.format must be text, json or parquet, got {d['format']!r}")
     need(d["sample_by"] in ("paragraph", "line", "document"),

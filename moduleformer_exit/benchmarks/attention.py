@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels.stick_breaking import stick_breaking_attention
+from .timing import process_settings, time_calls
 
 __all__ = ["bench_stick_breaking", "peak_memory_mb"]
 
@@ -49,20 +49,6 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     return peak / 2**20
 
 
-def _median_ms(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1) -> List[float]:
-    # Interleaved (A, B, A, B, ...) so that both see the same machine load; median per function.
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
-
-
 def bench_stick_breaking(seq_lens: Sequence[int] = (512, 1024, 2048), batch: int = 1, query_heads: int = 16,
                          head_dim: int = 64, query_sets: int = 2, threads: int = 2, repeats: int = 5,
                          dtype: torch.dtype = torch.float32, skip_underflow: bool = True) -> List[dict]:
@@ -81,10 +67,8 @@ def bench_stick_breaking(seq_lens: Sequence[int] = (512, 1024, 2048), batch: int
     if query_heads % query_sets:
         raise ValueError("query_heads must be a multiple of query_sets")
     heads = query_heads // query_sets
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     results = []
-    try:
+    with process_settings(threads=threads):
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for T in seq_lens:
@@ -99,11 +83,10 @@ def bench_stick_breaking(seq_lens: Sequence[int] = (512, 1024, 2048), batch: int
                 def sdpa():
                     return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
 
-                sb_ms, sdpa_ms = _median_ms([sb, sdpa], repeats)
+                times = time_calls({"sb": sb, "sdpa": sdpa}, repeats)
+                sb_ms, sdpa_ms = statistics.median(times["sb"]), statistics.median(times["sdpa"])
                 results.append(dict(T=T, sb_ms=sb_ms, sdpa_ms=sdpa_ms, ratio=sb_ms / sdpa_ms,
                                     sb_peak_mb=peak_memory_mb(sb), sdpa_peak_mb=peak_memory_mb(sdpa)))
-    finally:
-        torch.set_num_threads(prev_threads)
     return results
 
 

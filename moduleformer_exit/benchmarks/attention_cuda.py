@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import peak_memory_mb
-from .kernels_cuda import cuda_time_ms
+from .timing import time_calls
 
 __all__ = ["bench_stick_breaking_cuda"]
 
@@ -23,7 +23,7 @@ def _bench_ms(fn: Callable[[], object], warmup: int, rep: int) -> float:
 
         return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     except ImportError:  # pragma: no cover - triton missing on a CUDA box
-        return statistics.median(cuda_time_ms(fn, repeats=20, warmup=3))
+        return statistics.median(time_calls({"fn": fn}, repeats=20, warmup=3, cuda=True)["fn"])
 
 
 def bench_stick_breaking_cuda(seq_lens: Sequence[int] = (1024, 2048, 4096, 8192, 16384), *,

@@ -1,13 +1,13 @@
 """Greedy-decode throughput (tokens/s) of a ModuleFormer with the KV cache through HF ``generate``."""
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import torch
 
 from ..configuration import ModuleFormerConfig, bundled_config_path
 from ..modeling import ModuleFormerForCausalLM
+from .timing import process_settings, time_calls
 
 
 def active_parameters(config: ModuleFormerConfig, include_embeddings: bool = False) -> int:
@@ -37,7 +37,6 @@ def bench_decode(
     Uses the ~25M-active-parameter config in ``configs/moduleformer-25m-active.json`` unless ``config`` is given.
     Returns dicts with ``batch``, ``prompt_len``, ``new_tokens``, ``seconds``, ``tokens_per_s``, ``active_params``.
     """
-    torch.set_num_threads(threads)
     config = config or ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-25m-active"))
     torch.manual_seed(0)
     model = ModuleFormerForCausalLM(config).eval()
@@ -46,13 +45,10 @@ def bench_decode(
         prompt = torch.randint(3, config.vocab_size, (batch, prompt_len))
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                       pad_token_id=config.pad_token_id or 0, use_cache=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), process_settings(threads=threads):
             model.generate(prompt, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model.generate(prompt, **kwargs)
-                best = min(best, time.perf_counter() - start)
+            best = min(time_calls({"generate": lambda: model.generate(prompt, **kwargs)}, repeats,
+                                  warmup=0)["generate"]) / 1e3
         rows.append(dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, seconds=best,
                          tokens_per_s=batch * new_tokens / best, active_params=active_parameters(config)))
     return rows
@@ -75,7 +71,6 @@ def bench_acd_decode(
     from ..multi_exit_config import MultiExitConfiguration
     from ..multi_exit_models import MultiExitModuleFormer
 
-    torch.set_num_threads(threads)
     config = config or ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-25m-active"))
     middle = max(1, config.n_layer // 2)
     torch.manual_seed(0)
@@ -94,15 +89,16 @@ def bench_acd_decode(
     prompt = torch.randint(3, config.vocab_size, (batch, prompt_len))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=config.pad_token_id or 0)
-    best = {name: float("inf") for name in variants}
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for name, (model, runtime) in variants.items():
-                if runtime is not None:
-                    model.set_multi_exit_config(runtime)
-                start = time.perf_counter()
-                model.generate(prompt, **kwargs)
-                best[name] = min(best[name], time.perf_counter() - start)
+
+    def run(model, runtime):
+        def call():
+            if runtime is not None:
+                model.set_multi_exit_config(runtime)
+            model.generate(prompt, **kwargs)
+        return call
+    with torch.inference_mode(), process_settings(threads=threads):
+        times = time_calls({name: run(*variant) for name, variant in variants.items()}, repeats, warmup=0)
+    best = {name: min(ms) / 1e3 for name, ms in times.items()}
     return [dict(mode=name, batch=batch, new_tokens=new_tokens, seconds=seconds,
                  tokens_per_s=batch * new_tokens / seconds, overhead=seconds / best["plain"] - 1.0)
             for name, seconds in best.items()]

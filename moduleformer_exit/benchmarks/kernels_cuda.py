@@ -17,26 +17,11 @@ import torch
 from ..kernels.backend import megablocks_available, resolve_backend
 from ..kernels.routing import plan_routing
 from .moe import dense_mlp_forward, moe_mlp_forward
+from .timing import time_calls
 
 __all__ = ["bench_expert_kernels_cuda", "DEFAULT_CUDA_SHAPES"]
 
 DEFAULT_CUDA_SHAPES = ((16384, 1024, 4096, 32, 2),)  # (N tokens, d, h, E, k)
-
-
-def cuda_time_ms(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
-    """Per-call times in ms from CUDA events (one synchronize per call)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def bench_expert_kernels_cuda(
@@ -92,8 +77,8 @@ def _bench_shape(n, d, h, e, k, *, dtype, backends, repeats, warmup, seed, devic
                 p.grad = None
             forward().backward(cotangent)
 
-        return (statistics.median(cuda_time_ms(fwd, repeats, warmup)),
-                statistics.median(cuda_time_ms(fwd_bwd, repeats, warmup)))
+        times = time_calls({"fwd": fwd, "fwd_bwd": fwd_bwd}, repeats, warmup, cuda=True)
+        return statistics.median(times["fwd"]), statistics.median(times["fwd_bwd"])
 
     paths: dict[str, Optional[Callable]] = {"dense": lambda: dense_mlp_forward(xd, w1d, w2d)}
     for name in backends:

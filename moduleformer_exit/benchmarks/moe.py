@@ -16,19 +16,18 @@ Run: ``python -m moduleformer_exit.benchmarks.moe [--naive]``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
-import time
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels.expert_linear import expert_linear
 from ..kernels.routing import RoutingPlan, plan_routing
+from .timing import process_settings, time_calls
 
-__all__ = ["bench_moe_mlp", "moe_mlp_forward", "dense_mlp_forward", "naive_moe_mlp_forward", "tune_glibc_malloc"]
+__all__ = ["bench_moe_mlp", "moe_mlp_forward", "dense_mlp_forward", "naive_moe_mlp_forward"]
 
 DEFAULT_SHAPES = ((4096, 1024, 1024, 32, 2), (4096, 1024, 256, 64, 4))  # (N, d, h, E, k)
 
@@ -63,27 +62,9 @@ def naive_moe_mlp_forward(x, w1, w2, top_k_indices, gates) -> torch.Tensor:
     return x.new_zeros(n, w2.shape[2]).index_add(0, token, y)
 
 
-def tune_glibc_malloc(threshold_bytes: int = 1 << 30) -> bool:
-    """Keep freed large blocks in glibc's heap instead of returning them to the OS (M_MMAP_THRESHOLD and
-    M_TRIM_THRESHOLD). On small VMs each fresh 32 MB tensor otherwise costs ~30 ms of page faults, which swamps
-    memory-bound ops; the effect is the same as ``MALLOC_MMAP_THRESHOLD_``/jemalloc in production CPU setups.
-    Process-wide; returns False where glibc is not available."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, threshold_bytes)) and bool(libc.mallopt(-1, threshold_bytes))
-    except (OSError, AttributeError):
-        return False
-
-
 def _uniform_topk(n: int, e: int, k: int, gen: torch.Generator) -> torch.Tensor:
     """[N, k] distinct experts per token, uniformly at random."""
     return torch.rand(n, e, generator=gen).topk(k, dim=1).indices
-
-
-def _time(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def bench_moe_mlp(
@@ -104,14 +85,10 @@ def bench_moe_mlp(
     Forward runs under ``no_grad``; forward+backward backpropagates a fixed random cotangent into x, both weights
     and (MoE) the gates. The variants are interleaved within each repeat so machine noise hits them alike.
     """
-    if malloc_tuning:
-        tune_glibc_malloc()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    # malloc_tuning keeps freed large blocks in glibc's heap (mmap/trim thresholds 1 GiB) for the run: on small VMs
+    # each fresh 32 MB tensor otherwise costs ~30 ms of page faults, which swamps memory-bound ops.
+    with process_settings(threads=threads, malloc_threshold=(1 << 30) if malloc_tuning else None):
         return [_bench_shape(*s, repeats=repeats, warmup=warmup, dtype=dtype, naive=naive, seed=seed) for s in shapes]
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _bench_shape(n, d, h, e, k, *, repeats, warmup, dtype, naive, seed) -> dict:
@@ -157,12 +134,7 @@ def _bench_shape(n, d, h, e, k, *, repeats, warmup, dtype, naive, seed) -> dict:
         nv = lambda: naive_moe_mlp_forward(x, w1, w2, idx, gates)  # noqa: E731
         fns["naive_fwd"] = no_grad(nv)
         fns["naive_fwdbwd"] = fwd_bwd(nv, moe_params, cot)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            ms = _time(fn)
-            if i >= warmup:
-                times[name].append(ms)
+    times = time_calls(fns, repeats, warmup)
     med = {name: statistics.median(v) for name, v in times.items()}
     best = {name: min(v) for name, v in times.items()}
     row = dict(N=n, d=d, h=h, E=e, k=k)

@@ -29,15 +29,13 @@ def bench_pruning(run_dir: str, model: Optional[str] = None, quick: bool = False
     return report
 
 
-def run_pruning_section(args, table) -> list[dict]:
-    """The CLI section: run the report (``--pruning-model`` / ``--pruning-run-dir``) and print its three tables."""
-    run_dir = args.pruning_run_dir or ("runs/bench-pruning-quick" if args.quick else "runs/bench-pruning")
-    report = bench_pruning(run_dir, args.pruning_model, args.quick, threads=args.threads)
+def render_pruning_report(report: dict, table) -> None:
+    """Print the report's three tables with ``table(title, columns, rows)`` and where its files are."""
     table(f"Held-out ppl (Austen) vs MLP experts kept, per criterion (random: mean of 3 seeds); {report['model']}",
           CURVE_COLUMNS, report["curve"])
     table("Specialisation: fully fine-tuned on Python source, then pruned to 50 % of MLP experts",
           SPECIALISATION_COLUMNS, report["specialisation"])
     table(f"Extension vs full fine-tune at the same budget ({report['train_tokens']} Python tokens each)",
           EXTENSION_COLUMNS, report["extension"])
+    run_dir = report.get("run_dir", "")
     print(f"report: {os.path.join(run_dir, 'report.json')}, plot: {os.path.join(run_dir, 'pruning_curve.png')}")
-    return [report]

@@ -41,21 +41,20 @@ def _child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.set_flush_denormal(True)
     from moduleformer_exit import ModuleFormerConfig, MultiExitConfiguration, MultiExitModuleFormer
-    from moduleformer_exit.training.pretrain import JointLMLoss
 
     stage = spec["stage"]
     dist = None
     if stage is not None:
-        from moduleformer_exit.training.pretrain import init_deepspeed_distributed
+        from moduleformer_exit.training.distributed import init_deepspeed_distributed
 
         deepspeed = init_deepspeed_distributed()
         import deepspeed.comm as dist
     base_rss = _rss_mb()
     torch.manual_seed(0)
     layers = tuple(spec["exits"]) or None
-    model = MultiExitModuleFormer(ModuleFormerConfig(**spec["model"]),
-                                  multi_exit_config=MultiExitConfiguration(lm_head_layer_indices=layers))
-    wrapped = JointLMLoss(model)
+    config = ModuleFormerConfig(**spec["model"])
+    config.lm_loss_weight = 1.0  # pretraining's joint loss (original head + exits + aux), owned by the model
+    wrapped = MultiExitModuleFormer(config, multi_exit_config=MultiExitConfiguration(lm_head_layer_indices=layers))
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
@@ -65,7 +64,7 @@ def _child(spec: dict) -> dict:
         x = x.to(device)
 
         def step():
-            loss = wrapped(x, x)["loss"]
+            loss = wrapped(input_ids=x, labels=x).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
             opt.step()
@@ -79,7 +78,7 @@ def _child(spec: dict) -> dict:
         x = x.to(engine.device)
 
         def step():
-            loss = engine(x, x)["loss"]
+            loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)
             engine.step()
             return loss
