@@ -22,12 +22,14 @@ from .static import decode_static
 class EarlyExitOutput:
     """``sequences`` ``[B, P + N]`` (prompt + new tokens, as ``generate()``), ``exit_layers`` ``[B, N]`` (blocks
     whose state produced each new token; L for the full model and for every self-speculative token, 0 on padding
-    after EOS), ``stats`` (:meth:`DecodeStats.as_dict`), ``calibrator`` (FREE's adaptive threshold, to pass on)."""
+    after EOS), ``stats`` (:meth:`DecodeStats.as_dict`), ``calibrator`` (FREE's adaptive threshold, to pass on), ``cache`` (with
+    ``return_cache``)."""
 
     sequences: Tensor
     exit_layers: Tensor
     stats: dict
     calibrator: Optional[BetaMixtureThreshold] = None
+    cache: Optional[object] = None
 
 
 def _eos_ids(model: nn.Module, eos_token_id) -> Optional[list[int]]:
@@ -44,7 +46,7 @@ def generate_early_exit(model: nn.Module, input_ids: Tensor, early_exit: EarlyEx
                         eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: Optional[int] = None,
                         generator: Optional[torch.Generator] = None,
                         calibrator: Optional[BetaMixtureThreshold] = None,
-                        record_experts: bool = False) -> EarlyExitOutput:
+                        record_experts: bool = False, return_cache: bool = False) -> EarlyExitOutput:
     """Decode ``input_ids`` ``[B, P]`` (left padding with ``attention_mask`` ``[B, P]``) with an early-exit method.
 
     EOS (default: the model's ``generation_config.eos_token_id``; pass ``eos_token_id=[]`` for none) and
@@ -52,7 +54,8 @@ def generate_early_exit(model: nn.Module, input_ids: Tensor, early_exit: EarlyEx
     the generation config's, else the first EOS id) and decoding stops when all rows finished. Decisions (exit /
     skip / accepted prefix) are batch-synchronous. ``generator`` drives sampling (``do_sample``). ``calibrator``:
     FREE's Beta-mixture threshold carried across calls (a new one when None and ``adaptive_threshold``).
-    ``record_experts``: count distinct experts per verify / deep call (a small cost).
+    ``record_experts``: count distinct experts per verify / deep call (a small cost). ``return_cache``: also return
+    the per-layer KV cache (it covers every position but the last emitted token; FREE's deep blocks lag by the queue).
 
     :raises ValueError: a layer without an exit head, a non-ModuleFormer model, a model in train mode, bad sizes.
     """
@@ -79,17 +82,18 @@ def generate_early_exit(model: nn.Module, input_ids: Tensor, early_exit: EarlyEx
     if early_exit.adaptive_threshold and calibrator is None:
         calibrator = BetaMixtureThreshold(initial_threshold=early_exit.threshold)
     if method == "full":
-        decode_static(stack, input_ids, masks, sink, stats, stack.num_layers)
+        cache = decode_static(stack, input_ids, masks, sink, stats, stack.num_layers)
     elif method == "static":
-        decode_static(stack, input_ids, masks, sink, stats, int(early_exit.exit_layer))
+        cache = decode_static(stack, input_ids, masks, sink, stats, int(early_exit.exit_layer))
     elif method == "calm":
-        decode_calm(stack, early_exit, input_ids, masks, sink, stats)
+        cache = decode_calm(stack, early_exit, input_ids, masks, sink, stats)
     elif method == "free":
-        decode_free(stack, early_exit, input_ids, masks, sink, stats, calibrator, record_experts)
+        cache = decode_free(stack, early_exit, input_ids, masks, sink, stats, calibrator, record_experts)
     else:
-        decode_self_speculative(stack, early_exit, input_ids, masks, sink, stats, generator, record_experts)
+        cache = decode_self_speculative(stack, early_exit, input_ids, masks, sink, stats, generator, record_experts)
     tokens, layers = sink.result()
     summary = stats.as_dict(tokens.shape[1])
     summary["mean_exit_layer"] = float(layers[layers > 0].float().mean()) if bool((layers > 0).any()) else None
     summary["thresholds"] = stats.thresholds
-    return EarlyExitOutput(torch.cat([input_ids, tokens], 1), layers, summary, calibrator)
+    return EarlyExitOutput(torch.cat([input_ids, tokens], 1), layers, summary, calibrator,
+                           cache if return_cache else None)

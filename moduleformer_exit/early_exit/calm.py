@@ -13,6 +13,8 @@ from torch import Tensor
 
 from .config import EarlyExitConfig
 from .stack import LayerStack, softmax_margin
+from transformers.cache_utils import DynamicCache
+
 from .state import DecodeStats, MaskBook, TokenSink
 
 
@@ -46,7 +48,7 @@ def _confident(conf: Tensor, threshold: float, finished: Tensor) -> bool:
 
 
 def decode_calm(stack: LayerStack, cfg: EarlyExitConfig, input_ids: Tensor, masks: MaskBook, sink: TokenSink,
-                stats: DecodeStats) -> None:
+                stats: DecodeStats) -> DynamicCache:
     """CALM greedy decoding of ``input_ids`` ``[B, P]`` into ``sink`` (prefill at full depth; the first token
     follows the same exit rule on the last prompt position's per-layer states)."""
     num_layers = stack.num_layers
@@ -94,3 +96,4 @@ def decode_calm(stack: LayerStack, cfg: EarlyExitConfig, input_ids: Tensor, mask
         stats.steps += 1
         length += 1
         x = sink.push(token, exit_at)[:, None]
+    return cache

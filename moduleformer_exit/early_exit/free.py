@@ -12,12 +12,14 @@ from torch import Tensor
 from .beta_mixture import BetaMixtureThreshold
 from .config import EarlyExitConfig
 from .stack import LayerStack, distinct_experts, softmax_margin
+from transformers.cache_utils import DynamicCache
+
 from .state import DecodeStats, MaskBook, TokenSink
 
 
 def decode_free(stack: LayerStack, cfg: EarlyExitConfig, input_ids: Tensor, masks: MaskBook, sink: TokenSink,
                 stats: DecodeStats, calibrator: Optional[BetaMixtureThreshold] = None,
-                record_experts: bool = False) -> None:
+                record_experts: bool = False) -> DynamicCache:
     """FREE greedy decoding of ``input_ids`` ``[B, P]`` into ``sink``. With ``cfg.adaptive_threshold`` the
     threshold is ``calibrator.maybe_refit()`` (once per call, FREE's per-sample schedule) and calibration pairs are
     added at every parallel deep call. The prompt is prefilled at full depth; the first token follows the same rule."""
@@ -76,3 +78,4 @@ def decode_free(stack: LayerStack, cfg: EarlyExitConfig, input_ids: Tensor, mask
             stats.head_calls += 1
         queue, pend_conf, pend_pred = [], [], []
         x = sink.push(token, num_layers)[:, None]
+    return cache

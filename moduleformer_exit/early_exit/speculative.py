@@ -15,6 +15,8 @@ from torch import Tensor
 
 from .config import EarlyExitConfig
 from .stack import LayerStack, distinct_experts
+from transformers.cache_utils import DynamicCache
+
 from .state import DecodeStats, MaskBook, TokenSink
 
 
@@ -28,7 +30,7 @@ def _pick(logits: Tensor, cfg: EarlyExitConfig, generator: Optional[torch.Genera
 
 def decode_self_speculative(stack: LayerStack, cfg: EarlyExitConfig, input_ids: Tensor, masks: MaskBook,
                             sink: TokenSink, stats: DecodeStats, generator: Optional[torch.Generator] = None,
-                            record_experts: bool = False) -> None:
+                            record_experts: bool = False) -> DynamicCache:
     """Self-speculative decoding of ``input_ids`` ``[B, P]`` into ``sink`` (draft exit ``cfg.exit_layer``, draft
     length ``cfg.gamma``, capped by the tokens still allowed)."""
     draft_layers, num_layers = int(cfg.exit_layer), stack.num_layers
@@ -66,9 +68,10 @@ def decode_self_speculative(stack: LayerStack, cfg: EarlyExitConfig, input_ids: 
         for t in tokens:
             x = sink.push(t, num_layers)
             if sink.done:
-                return
+                return cache
         length += accepted + 1
         stack.crop(cache, length)
+    return cache
 
 
 def _accept(cfg: EarlyExitConfig, drafts: list[Tensor], draft_probs: list[Tensor], full_logits: Tensor,

@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from .stack import LayerStack
+from transformers.cache_utils import DynamicCache
+
 from .state import DecodeStats, MaskBook, TokenSink
 
 
 def decode_static(stack: LayerStack, input_ids: Tensor, masks: MaskBook, sink: TokenSink, stats: DecodeStats,
-                  exit_layer: int) -> None:
+                  exit_layer: int) -> DynamicCache:
     """Greedy decode ``input_ids`` ``[B, P]`` with ``exit_layer`` blocks per token, writing tokens into ``sink``."""
     cache = stack.new_cache()
     x = input_ids
@@ -22,3 +24,4 @@ def decode_static(stack: LayerStack, input_ids: Tensor, masks: MaskBook, sink: T
         stats.steps += 1
         token = stack.logits(h[:, -1:], exit_layer)[:, -1].argmax(-1)
         x = sink.push(token, exit_layer)[:, None]
+    return cache
