@@ -185,10 +185,18 @@ def test_free_tokens_match_teacher_forced_full_model(adaptive):
     x = prompts(1, 5, seed=4)
     cfg = EarlyExitConfig("free", exit_layer=2, threshold=0.5, adaptive_threshold=adaptive)
     calibrator = BetaMixtureThreshold(initial_threshold=0.5) if adaptive else None
-    out = run(model, x, cfg, 16, calibrator=calibrator)
+    out = run(model, x, cfg, 16, calibrator=calibrator, return_cache=True)
     assert {2, L} <= set(out.exit_layers[0].tolist()), "the test needs shallow and deep tokens"
     if adaptive:  # the second call runs at the threshold refitted on the first call's pairs
-        out = run(model, x, cfg, 16, calibrator=calibrator)
+        out = run(model, x, cfg, 16, calibrator=calibrator, return_cache=True)
+    with torch.no_grad():  # every block's cache = the full model's K/V of the emitted text (deep blocks may lag)
+        fresh = model(out.sequences[:, :-1], use_cache=True)
+    fresh_cache = fresh.cache if getattr(fresh, "cache", None) is not None else fresh.past_key_values
+    for j in range(L):
+        n = out.cache.layers[j].keys.shape[2]
+        assert n == (out.sequences.shape[1] - 1 if j < 2 else n) and n >= 5
+        torch.testing.assert_close(out.cache.layers[j].keys, fresh_cache.layers[j].keys[:, :, :n], atol=1e-5,
+                                   rtol=1e-5)
     if adaptive:
         assert calibrator.fits == 1 and calibrator.labels
         assert out.stats["thresholds"][0] in [round(float(g), 12) for g in calibrator.grid] or \
@@ -260,7 +268,7 @@ def _exact_and_sampled(model, prompt, vocab, n_new, outputs, temperature):
 
 def test_self_speculative_sampling_matches_exact_sequence_distribution():
     vocab, n_new = 6, 3
-    model = make(seed=7, scale=1.0, vocab=vocab, sharpen=4.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = make(seed=7, scale=1.0, vocab=vocab, sharpen=4.0, copy_heads=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     prompt = torch.tensor([[3, 4, 5]])
     cfg = EarlyExitConfig("self_speculative", exit_layer=1, gamma=2, do_sample=True, temperature=0.7)
     # one batch of 4000 rows: batch-synchronous acceptance, every row its own outcome at the first index
