@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 BENCH_SECTIONS = ("moe", "attention", "decode", "acd", "training")
+OPT_IN_BENCH_SECTIONS = ("early-exit",)  # need a trained model: only with --only
 
 
 def _table(title: str, columns: Sequence[tuple[str, str]], rows: list[dict]) -> None:
@@ -29,9 +30,10 @@ def _table(title: str, columns: Sequence[tuple[str, str]], rows: list[dict]) -> 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the selected benchmark sections (one process, one run) and print their tables."""
     sections = BENCH_SECTIONS if args.only is None else tuple(args.only.split(","))
-    unknown = set(sections) - set(BENCH_SECTIONS)
+    unknown = set(sections) - set(BENCH_SECTIONS) - set(OPT_IN_BENCH_SECTIONS)
     if unknown:
-        raise SystemExit(f"unknown bench section(s) {sorted(unknown)}; choose from {', '.join(BENCH_SECTIONS)}")
+        raise SystemExit(f"unknown bench section(s) {sorted(unknown)}; choose from "
+                         f"{', '.join(BENCH_SECTIONS + OPT_IN_BENCH_SECTIONS)}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
           f"fp32{' (quick sizes)' if args.quick else ''}")
@@ -98,6 +100,10 @@ def run_bench(args: argparse.Namespace) -> int:
         _table("Training step: DeepSpeed ZeRO stages vs a plain PyTorch loop, same model and batch (1 process)",
                [("mode", ""), ("stage", ""), ("step_ms", ".1f"), ("tokens_per_s", ",.0f"), ("overhead_pct", "+.1f"),
                 ("peak_rss_mb", ".0f"), ("peak_delta_mb", ".0f")], results["training"])
+    if "early-exit" in sections:
+        from .benchmarks.early_exit import run_early_exit_bench
+
+        results["early-exit"] = run_early_exit_bench(args, _table)
     if args.device == "cuda":
         run_cuda_bench(args, results)
     if args.json:
@@ -188,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="also write the rows to this JSON file")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                        help="cuda: also run the GPU kernel rows (Triton experts, stick-breaking, training step)")
+    bench.add_argument("--early-exit-model", default="runs/early-exit-8l/final",
+                       help="early-exit section: trained multi-exit ModuleFormer (configs/recipes/early-exit-8l.json)")
+    bench.add_argument("--early-exit-plot", help="early-exit section: write the speed/quality PNG here")
     bench.set_defaults(func=run_bench)
     gen = sub.add_parser("generate", help="generate text (original head, one exit with --exit, or ACD with --contrast)")
     gen.add_argument("prompt")
