@@ -46,14 +46,15 @@ class LayerStack:
         """Number of cached positions of block ``layer`` (0-based)."""
         if layer >= len(cache.layers):
             return 0
-        return int(cache.layers[layer].get_seq_length())
+        keys = getattr(cache.layers[layer], "keys", None)
+        return 0 if keys is None or keys.dim() < 2 else int(keys.shape[-2])
 
     def crop(self, cache: DynamicCache, length: int, layers: Optional[range] = None) -> None:
         """Truncate the given blocks' (default: all) caches to their first ``length`` positions."""
         for layer in layers if layers is not None else range(self.num_layers):
-            extra = self.length(cache, layer) - length
-            if extra > 0:
-                cache.layers[layer].crop(-extra)
+            if self.length(cache, layer) > length:  # slicing works the same on every transformers 5 release
+                cache.layers[layer].keys = cache.layers[layer].keys[..., :length, :]
+                cache.layers[layer].values = cache.layers[layer].values[..., :length, :]
 
     # ----------------------------------------------------------------------------------------------- compute
     def embed(self, input_ids: Tensor) -> Tensor:
