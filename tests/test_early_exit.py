@@ -268,7 +268,8 @@ def _exact_and_sampled(model, prompt, vocab, n_new, outputs, temperature):
 
 def test_self_speculative_sampling_matches_exact_sequence_distribution():
     vocab, n_new = 6, 3
-    model = make(seed=7, scale=1.0, vocab=vocab, sharpen=4.0, copy_heads=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = make(seed=7, scale=1.0, vocab=vocab, sharpen=4.0, copy_heads=False, bos_token_id=1, eos_token_id=2,
+                 pad_token_id=0)
     prompt = torch.tensor([[3, 4, 5]])
     cfg = EarlyExitConfig("self_speculative", exit_layer=1, gamma=2, do_sample=True, temperature=0.7)
     # one batch of 4000 rows: batch-synchronous acceptance, every row its own outcome at the first index

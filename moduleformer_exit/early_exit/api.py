@@ -22,8 +22,8 @@ from .static import decode_static
 class EarlyExitOutput:
     """``sequences`` ``[B, P + N]`` (prompt + new tokens, as ``generate()``), ``exit_layers`` ``[B, N]`` (blocks
     whose state produced each new token; L for the full model and for every self-speculative token, 0 on padding
-    after EOS), ``stats`` (:meth:`DecodeStats.as_dict`), ``calibrator`` (FREE's adaptive threshold, to pass on), ``cache`` (with
-    ``return_cache``)."""
+    after EOS), ``stats`` (:meth:`DecodeStats.as_dict`), ``calibrator`` (FREE's adaptive threshold, to pass on),
+    ``cache`` (with ``return_cache``)."""
 
     sequences: Tensor
     exit_layers: Tensor

@@ -25,7 +25,8 @@ class LayerStack:
         backbone = getattr(model, "transformer", None)
         if not isinstance(backbone, ModuleFormerModel):
             raise ValueError(
-                f"early-exit decoding supports ModuleFormer backbones (ModuleFormerForCausalLM, MultiExitModuleFormer); "
+                f"early-exit decoding supports ModuleFormer backbones (ModuleFormerForCausalLM, "
+                f"MultiExitModuleFormer); "
                 f"got {type(model).__name__}. GPT-2 / GPT-Neo blocks need position ids and 4-D masks per layer range, "
                 f"which this runner does not build; use generate(assistant_early_exit=...) semantics elsewhere.")
         if model.training:
