@@ -28,7 +28,7 @@ class LayerStack:
                 f"early-exit decoding supports ModuleFormer backbones (ModuleFormerForCausalLM, "
                 f"MultiExitModuleFormer); "
                 f"got {type(model).__name__}. GPT-2 / GPT-Neo blocks need position ids and 4-D masks per layer range, "
-                f"which this runner does not build; use generate(assistant_early_exit=...) semantics elsewhere.")
+                f"which this runner does not build; convert the model to a ModuleFormer or decode at full depth.")
         if model.training:
             raise ValueError("early-exit decoding needs model.eval() (dropout and router sampling must be off).")
         self.model, self.backbone, self.shared_head = model, backbone, shared_head
