@@ -40,7 +40,8 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
           f"fp32{' (quick sizes)' if args.quick else ''}")
     results: dict[str, list[dict]] = {}
-    options = {"pruning_model": args.pruning_model, "pruning_run_dir": args.pruning_run_dir}
+    options = {"pruning_model": args.pruning_model, "pruning_run_dir": args.pruning_run_dir,
+               "early_exit_model": args.early_exit_model, "early_exit_plot": args.early_exit_plot}
     with process_settings(threads=args.threads):
         for name in sections:
             section = SECTIONS[name]
@@ -111,6 +112,8 @@ def run_generate(args: argparse.Namespace) -> int:
     inputs = tokenizer(args.prompt, return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:
         raise SystemExit("the prompt is empty (it encodes to no token): give some text to continue")
+    if args.early_exit or args.self_speculative is not None:
+        return run_generate_early_exit(args, tokenizer)
     model = load_for_generation(args.model, args.contrast, args.exit, args.alpha)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -125,6 +128,44 @@ def run_generate(args: argparse.Namespace) -> int:
                                 num_beams=args.num_beams, pad_token_id=pad_id, streamer=streamer)
     if streamer is None:
         print(tokenizer.decode(tokens[0], skip_special_tokens=True))
+    return 0
+
+
+def run_generate_early_exit(args: argparse.Namespace, tokenizer) -> int:
+    """``generate --early-exit static|calm|free`` / ``--self-speculative K``: decode with
+    :func:`~moduleformer_exit.early_exit.generate_early_exit`, print the text, then a summary line on stderr."""
+    from . import AutoMultiExitModel
+    from .early_exit import EarlyExitConfig, generate_early_exit
+
+    if args.early_exit and args.self_speculative is not None:
+        raise SystemExit("use either --early-exit or --self-speculative, not both")
+    if args.contrast is not None or args.num_beams != 1:
+        raise SystemExit("--early-exit / --self-speculative do not combine with --contrast or --num-beams")
+    model = AutoMultiExitModel.from_pretrained(args.model).eval()
+    num_layers = model.config.num_hidden_layers
+    try:
+        if args.self_speculative is not None:
+            config = EarlyExitConfig("self_speculative", exit_layer=args.self_speculative, gamma=args.gamma,
+                                     do_sample=args.do_sample, temperature=args.temperature)
+        else:
+            exit_layer = None if args.early_exit == "calm" else args.exit
+            if args.early_exit == "free" and exit_layer is None:
+                exit_layer = num_layers // 2
+            config = EarlyExitConfig(args.early_exit, exit_layer=exit_layer, threshold=args.threshold,
+                                     min_layer=args.min_layer, adaptive_threshold=args.adaptive_threshold,
+                                     decay_temperature=args.decay_temperature)
+    except ValueError as error:
+        raise SystemExit(f"bad early-exit option: {error}")
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = generate_early_exit(model, inputs.input_ids, config, attention_mask=inputs.attention_mask,
+                              max_new_tokens=args.max_new_tokens, pad_token_id=pad_id, generator=generator)
+    print(tokenizer.decode(out.sequences[0], skip_special_tokens=True))
+    stats = out.stats
+    print(f"[{config.method}] mean exit layer {stats['mean_exit_layer']:.2f} of {num_layers}, layers/token "
+          f"{stats['layers_per_token']:.2f}" + (f", acceptance {stats['acceptance_rate']:.1%}"
+                                                 if stats["acceptance_rate"] is not None else ""), file=sys.stderr)
     return 0
 
 
@@ -144,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cuda: also run the GPU kernel rows (Triton experts, stick-breaking, training step)")
     bench.add_argument("--pruning-model", help="pruning: trained ModuleFormer dir (default: train + cache a recipe)")
     bench.add_argument("--pruning-run-dir", help="pruning: run directory, reused when finished")
+    bench.add_argument("--early-exit-model", default="runs/early-exit-8l/final",
+                       help="early-exit section: trained multi-exit ModuleFormer (configs/recipes/early-exit-8l.json)")
+    bench.add_argument("--early-exit-plot", help="early-exit section: write the speed/quality PNG here")
     bench.set_defaults(func=run_bench)
     gen = sub.add_parser("generate", help="generate text (original head, one exit with --exit, or ACD with --contrast)")
     gen.add_argument("prompt")
@@ -159,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: no beams; output is "
                                                              "printed at the end instead of streamed when > 1)")
     gen.add_argument("--seed", type=int, help="torch seed for sampling (default: unseeded)")
+    gen.add_argument("--early-exit", choices=("static", "calm", "free"),
+                     help="early-exit decoding (static needs --exit K; free uses --exit K as its shallow exit, "
+                          "default L/2)")
+    gen.add_argument("--threshold", type=float, default=0.9, help="CALM / FREE confidence threshold in [0, 1]")
+    gen.add_argument("--min-layer", type=int, default=1, help="CALM: first layer allowed to exit")
+    gen.add_argument("--decay-temperature", type=float, help="CALM: decaying threshold temperature")
+    gen.add_argument("--adaptive-threshold", action="store_true", help="FREE: Beta-mixture adaptive threshold")
+    gen.add_argument("--self-speculative", type=int, metavar="K",
+                     help="lossless self-speculative decoding drafting with exit K (verify with the full model)")
+    gen.add_argument("--gamma", type=int, default=4, help="self-speculative draft tokens per verify (default 4)")
     gen.set_defaults(func=run_generate)
     # Training commands forward their arguments to moduleformer_exit.training.<module>.main (their own --help).
     for name, module, text in TRAINING_COMMANDS:

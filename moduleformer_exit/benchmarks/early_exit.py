@@ -1,0 +1,201 @@
+"""``bench --only early-exit``: early-exit decoding (static, CALM, FREE, self-speculative) against the own
+full-depth greedy loop on a trained multi-exit ModuleFormer: decode tokens/s, agreement with full greedy, held-out
+perplexity of the produced text under the full model, layers per token, acceptance, distinct experts per verify; the
+T-token forward latency on a 512-token cache; a speed/quality PNG."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import torch
+
+from ..early_exit import BetaMixtureThreshold, EarlyExitConfig, LayerStack, generate_early_exit
+
+DEFAULT_MODEL = os.path.join("runs", "early-exit-8l", "final")
+
+
+def _methods(num_layers: int) -> list[tuple[str, EarlyExitConfig]]:
+    """The (label, config) grid measured; exits checked by CALM every 2 layers (head checks are not free)."""
+    half, quarter = num_layers // 2, max(1, num_layers // 4)
+    rows = [("full", EarlyExitConfig("full"))]
+    rows += [(f"static k={k}", EarlyExitConfig("static", exit_layer=k)) for k in (half, num_layers - quarter)]
+    rows += [(f"calm t={t}", EarlyExitConfig("calm", threshold=t, min_layer=quarter,
+                                             exit_layers=list(range(quarter, num_layers, 2))))
+             for t in (0.4, 0.7, 0.9)]
+    rows += [(f"free S={half} t={t}", EarlyExitConfig("free", exit_layer=half, threshold=t)) for t in (0.4, 0.7, 0.9)]
+    rows.append((f"free S={half} adaptive", EarlyExitConfig("free", exit_layer=half, threshold=0.9,
+                                                            adaptive_threshold=True)))
+    rows += [(f"self-spec k={k} g={g}", EarlyExitConfig("self_speculative", exit_layer=k, gamma=g))
+             for k, g in ((quarter, 4), (half, 3), (half, 6))]
+    return rows
+
+
+def _prompts(tokenizer, count: int, prompt_len: int) -> list[torch.Tensor]:
+    """``count`` prompts of ``prompt_len`` tokens from the end of the bundled Persuasion text (held out from the
+    recipe's training blocks only in the sense of the last file's tail; the perplexity is of generated text)."""
+    here = os.path.dirname(os.path.dirname(__file__))
+    with open(os.path.join(here, "data", "austen", "persuasion.txt"), encoding="utf-8") as handle:
+        text = handle.read()[-60_000:]
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    step = (len(ids) - prompt_len) // count
+    return [ids[i * step: i * step + prompt_len][None] for i in range(count)]
+
+
+@torch.no_grad()
+def _perplexity(model, prompt: torch.Tensor, sequence: torch.Tensor) -> float:
+    """exp(mean NLL) of ``sequence``'s new tokens given its prompt under the full model (original head)."""
+    logits = model(sequence).logits[0, prompt.shape[1] - 1: -1].double()
+    target = sequence[0, prompt.shape[1]:]
+    return float(torch.nn.functional.cross_entropy(logits, target).exp())
+
+
+@torch.no_grad()
+def forward_latency(model, context: int = 512, max_new: int = 9, repeats: int = 5) -> list[dict]:
+    """Median ms of one full-depth forward of T = 1..max_new new tokens on a ``context``-token cache, and the
+    distinct experts per block that T tokens touch (why verification costs more on a sparse MoE)."""
+    stack = LayerStack(model)
+    config = model.config
+    cache = stack.new_cache()
+    ids = torch.randint(3, config.vocab_size, (1, context + max_new), generator=torch.Generator().manual_seed(0))
+    stack.run(stack.embed(ids[:, :context]), 0, stack.num_layers, cache, None)
+    rows = []
+    for t in range(1, max_new + 1):
+        times, experts = [], 0.0
+        for _ in range(repeats):
+            route: list = []
+            start = time.perf_counter()
+            hidden = stack.run(stack.embed(ids[:, context: context + t]), 0, stack.num_layers, cache, None, route)
+            stack.logits(hidden, stack.num_layers)
+            times.append(time.perf_counter() - start)
+            stack.crop(cache, context)
+            from ..early_exit.stack import distinct_experts
+
+            experts = distinct_experts(route, config.k_att, config.k_mlp)
+        times.sort()
+        rows.append({"T": t, "ms": 1000 * times[len(times) // 2], "distinct_experts": experts})
+    base = rows[0]["ms"]
+    for row in rows:
+        row["vs_T1"] = row["ms"] / base
+    return rows
+
+
+def bench_early_exit(model, tokenizer, prompts: int = 4, prompt_len: int = 32, new_tokens: int = 48,
+                     plot: Optional[str] = None, latency_context: int = 512) -> dict:
+    """One run: every method of :func:`_methods` on the same prompts (batch 1, greedy, no EOS stop), side by side.
+
+    Returns ``{"methods": rows, "latency": rows}``; a row has ``method``, ``tokens_per_s``, ``speedup`` (vs the own
+    full loop), ``agreement`` (share of positions equal to full greedy), ``exact`` (sequences identical),
+    ``ppl`` (full-model perplexity of the produced text), ``layers_per_token``, ``mean_exit_layer``,
+    ``acceptance_rate``, ``distinct_experts_per_verify``."""
+    stack_layers = model.config.n_layer
+    inputs = _prompts(tokenizer, prompts, prompt_len)
+    reference: list[torch.Tensor] = []
+    rows = []
+    for label, cfg in _methods(stack_layers):
+        calibrator = BetaMixtureThreshold(initial_threshold=cfg.threshold) if cfg.adaptive_threshold else None
+        generate_early_exit(model, inputs[0], cfg, max_new_tokens=4, eos_token_id=[], pad_token_id=0,
+                            calibrator=BetaMixtureThreshold() if cfg.adaptive_threshold else None)  # warm-up
+        seconds, outputs, stats = 0.0, [], []
+        for prompt in inputs:
+            start = time.perf_counter()
+            out = generate_early_exit(model, prompt, cfg, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0,
+                                      calibrator=calibrator, record_experts=cfg.method in ("free", "self_speculative"))
+            seconds += time.perf_counter() - start
+            outputs.append(out.sequences)
+            stats.append(out.stats)
+        if label == "full":
+            reference = outputs
+        agree = sum(float((o[0, prompt_len:] == r[0, prompt_len:]).float().mean()) for o, r in zip(outputs, reference))
+        mean = lambda key: (sum(s[key] for s in stats) / len(stats)) if stats[0][key] is not None else None  # noqa
+        rows.append({
+            "method": label,
+            "tokens_per_s": prompts * new_tokens / seconds,
+            "agreement": agree / prompts,
+            "exact": sum(bool(torch.equal(o, r)) for o, r in zip(outputs, reference)) / prompts,
+            "ppl": sum(_perplexity(model, p, o) for p, o in zip(inputs, outputs)) / prompts,
+            "layers_per_token": mean("layers_per_token"),
+            "mean_exit_layer": mean("mean_exit_layer"),
+            "acceptance_rate": mean("acceptance_rate"),
+            "distinct_experts_per_verify": mean("distinct_experts_per_verify"),
+        })
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / base
+    latency = forward_latency(model, context=latency_context)
+    if plot:
+        _plot(rows, plot)
+    return {"methods": rows, "latency": latency}
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    """Speed-up vs agreement with full greedy, one marker family per method, labelled by setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families = {}
+    for row in rows:
+        families.setdefault(row["method"].split()[0], []).append(row)
+    for family, members in families.items():
+        ax.plot([m["agreement"] for m in members], [m["speedup"] for m in members], "o-", label=family)
+        for m in members:
+            ax.annotate(m["method"].split(" ", 1)[-1], (m["agreement"], m["speedup"]), fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("token agreement with full greedy")
+    ax.set_ylabel("decode tokens/s vs full-depth loop")
+    ax.set_title("Early exit on the 8-layer ModuleFormer (CPU, batch 1)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_early_exit_bench(args, table=None) -> dict:
+    """The bench section: load ``args.early_exit_model`` (or a random tiny model with ``args.quick``) and run;
+    prints the tables with ``table(title, columns, rows)`` when given (see :func:`render_early_exit`)."""
+    from transformers import AutoTokenizer
+
+    from ..multi_exit_models import AutoMultiExitModel
+
+    if args.quick:
+        from ..configuration import ModuleFormerConfig, bundled_config_path
+        from ..multi_exit_config import MultiExitConfiguration
+
+        config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
+        config.n_layer = 4
+        torch.manual_seed(0)
+        model = AutoMultiExitModel.from_config(config, MultiExitConfiguration(
+            lm_head_layer_indices=tuple(range(1, 4)))).eval()
+
+        class _Ids:  # no tokenizer needed: byte ids folded into the vocabulary
+            def __call__(self, text, return_tensors=None):
+                ids = torch.tensor([[b % (config.vocab_size - 3) + 3 for b in text.encode()]])
+                return type("Enc", (), {"input_ids": ids})()
+
+        result = bench_early_exit(model, _Ids(), prompts=1, prompt_len=8, new_tokens=6, plot=args.early_exit_plot,
+                                  latency_context=16)
+    else:
+        path = args.early_exit_model
+        if not os.path.isdir(path):
+            raise SystemExit(f"bench early-exit needs a trained multi-exit model at {path}: train one with "
+                             f"`moduleformer-exit pretrain configs/recipes/early-exit-8l.json --output-dir "
+                             f"runs/early-exit-8l` (or pass --early-exit-model DIR).")
+        model = AutoMultiExitModel.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        result = bench_early_exit(model, tokenizer, plot=args.early_exit_plot)
+    if table is not None:
+        render_early_exit(result, table)
+    return result
+
+
+def render_early_exit(result: dict, table) -> None:
+    """Print the section's two tables (methods; forward latency vs new tokens)."""
+    table("Early-exit decoding vs the own full-depth greedy loop (batch 1, greedy; speedup = tokens/s ratio)",
+          [("method", ""), ("tokens_per_s", ".1f"), ("speedup", ".2f"), ("agreement", ".1%"), ("exact", ".0%"),
+           ("ppl", ".1f"), ("layers_per_token", ".2f"), ("mean_exit_layer", ".2f"), ("acceptance_rate", ".1%"),
+           ("distinct_experts_per_verify", ".1f")], result["methods"])
+    table("Full-depth forward of T new tokens on a cache (ms; distinct experts per block)",
+          [("T", "d"), ("ms", ".2f"), ("vs_T1", ".2f"), ("distinct_experts", ".1f")], result["latency"])
