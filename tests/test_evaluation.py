@@ -40,16 +40,17 @@ def checkpoints(tmp_path_factory):
     copied; each with the character tokenizer."""
     root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    config = ModuleFormerConfig(**tiny_config_kwargs(n_layer=3, vocab_size=101, block_size=24, initializer_range=0.2))
+    config = ModuleFormerConfig(**tiny_config_kwargs(n_layer=3, vocab_size=101, block_size=24, history_length=16,
+                                                   initializer_range=0.2))
     moduleformer = AutoMultiExitModel.from_config(config, MEC(lm_head_layer_indices=(1, 2)))
     moduleformer.save_pretrained(root / "moduleformer")
-    for kind in ("gpt2", "gpt_neo"):
+    for kind in ("gpt2", "gpt_neo", "gpt2_cast"):
         shutil.copytree(ACD_DATA / kind, root / kind)
     tokenizer = char_tokenizer()
-    for kind in ("moduleformer", "gpt2", "gpt_neo"):
+    for kind in ("moduleformer", "gpt2", "gpt_neo", "gpt2_cast"):
         tokenizer.save_pretrained(root / kind)
     return {"moduleformer": (str(root / "moduleformer"), (1, 2)), "gpt2": (str(root / "gpt2"), (1, 2, 4)),
-            "gpt_neo": (str(root / "gpt_neo"), (2, 3, 4))}
+            "gpt_neo": (str(root / "gpt_neo"), (2, 3, 4)), "gpt2_cast": (str(root / "gpt2_cast"), (1, 2, 4))}
 
 
 # ------------------------------------------------------------------------------------------- model-args parsing
@@ -117,6 +118,8 @@ def reference_log_probs(model, ids: torch.Tensor, mode) -> torch.Tensor:
             if layer == "original":
                 return ref.lm_head(hs[n])[0]
             h = hs[layer] if layer == n else ref.backbone.ln_f(hs[layer])
+            if hasattr(ref, "name_to_conv_matrix"):  # SHARED_PROJECTION_CAST_OUTPUTS: lm_head(cast_k(ln_f(h_k)))
+                return ref.lm_head(ref.name_to_conv_matrix[f"{layer}_to_{n}"](h))[0]
             return ref.name_to_lm_exit_head[f"lm_head_{layer}"](h)[0]
 
         if not isinstance(mode, tuple):
@@ -152,7 +155,9 @@ def reference_rolling(model, tokenizer, text: str, max_length: int, mode) -> flo
     return total
 
 
-def mode_args(mode) -> str:
+def mode_args(mode, kind="") -> str:
+    if kind == "gpt2_cast":
+        return ",vocab_projection_mode=shared_projection_cast_outputs" + mode_args(mode)
     if mode == "original":
         return ""
     if isinstance(mode, tuple):
@@ -165,6 +170,7 @@ MODES = {
     "moduleformer": ["original", 1, ("original", 1, 0.1), (2, 1, 0.3)],
     "gpt2": ["original", 2, ("original", 2, 0.1), (4, 1, 0.1)],
     "gpt_neo": ["original", 3, ("original", 3, 0.1), (4, 2, 0.5)],
+    "gpt2_cast": [1, ("original", 2, 0.1)],
 }
 CASES = [(kind, mode) for kind, modes in MODES.items() for mode in modes]
 PAIRS = [("Mr. Darcy", " bowed."), ("It is a truth", " universally"), ("She", " smiled"), ("x", "y")]
@@ -177,7 +183,8 @@ def test_loglikelihoods_match_direct_computation(checkpoints, kind, mode):
     from lm_eval.api.instance import Instance
 
     path, _ = checkpoints[kind]
-    lm = MultiExitLM.create_from_arg_string(f"pretrained={path}{mode_args(mode)}", {"batch_size": 3, "device": "cpu"})
+    lm = MultiExitLM.create_from_arg_string(f"pretrained={path}{mode_args(mode, kind)}",
+                                            {"batch_size": 3, "device": "cpu"})
     tokenizer = lm.tokenizer
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(PAIRS)]
     got = lm.loglikelihood(requests, disable_tqdm=True)
@@ -213,7 +220,7 @@ def test_model_object_device_and_context_length(checkpoints):
     path, _ = checkpoints["moduleformer"]
     lm = MultiExitLM.create_from_arg_string(f"pretrained={path}", {"device": "cuda:0"})  # the CLI's default
     assert lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert lm.max_length == 24  # ModuleFormer: block_size
+    assert lm.max_length == 24  # ModuleFormer: block_size (not n_ctx = history_length * n_layer = 48)
     assert MultiExitLM.create_from_arg_string(f"pretrained={path},max_length=16", {}).max_length == 16
     assert MultiExitLM.create_from_arg_string(f"pretrained={checkpoints['gpt2'][0]}", {}).max_length == 64
     model = AutoMultiExitModel.from_pretrained(path, MEC(use_original_head=False, output_layer_index=2))
@@ -356,3 +363,12 @@ def test_cli_runs_lm_evals_own_command(checkpoints, tmp_path, monkeypatch, capsy
     assert result["config"]["model_args"]["contrast_layer_indices"] == "original;2"
     with pytest.raises(SystemExit):  # lm-eval's own error for a comma inside the pair
         main(["eval", "--tasks", "austen_lastword", "--model_args", f"pretrained={path},contrast_layer_indices=original,2"])
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "moduleformer_exit.eval", "run", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "--model_args" in out and "--include_path" in out

@@ -57,7 +57,8 @@ class MultiExitLM(HFLM):
         options = dict(use_original_head=use_original_head, output_layer_index=output_layer_index,
                        contrast_layer_indices=contrast_layer_indices, alpha=alpha,
                        minimum_candidates=minimum_candidates)
-        if isinstance(pretrained, MultiExitMixin) and all(v is None for v in options.values()):
+        if isinstance(pretrained, MultiExitMixin) and vocab_projection_mode is None and all(
+                v is None for v in options.values()):
             self.multi_exit_config = pretrained.multi_exit_config  # no options: score the model as configured
         else:
             if vocab_projection_mode is None and isinstance(pretrained, MultiExitMixin):
@@ -109,7 +110,7 @@ class MultiExitLM(HFLM):
             parallelize=parallelize, device_map=kwargs.get("device_map"), max_memory_per_gpu=max_memory_per_gpu,
             max_cpu_memory=max_cpu_memory, offload_folder=offload_folder, gpus=gpus))
         self._model = AutoMultiExitModel.from_pretrained(
-            pretrained, self.multi_exit_config, revision=revision, dtype=get_dtype(dtype),
+            pretrained, self.multi_exit_config, config=self.config, revision=revision, dtype=get_dtype(dtype),
             trust_remote_code=trust_remote_code, subfolder=subfolder, quantization_config=quantization_config,
             **model_kwargs)
 
