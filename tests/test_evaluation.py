@@ -365,10 +365,13 @@ def test_cli_runs_lm_evals_own_command(checkpoints, tmp_path, monkeypatch, capsy
         main(["eval", "--tasks", "austen_lastword", "--model_args", f"pretrained={path},contrast_layer_indices=original,2"])
 
 
-def test_python_dash_m_entry_point():
-    import subprocess
+def test_python_dash_m_entry_point(monkeypatch, capsys):
+    import runpy
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "moduleformer_exit.eval", "run", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    monkeypatch.setattr(sys, "argv", ["python -m moduleformer_exit.eval", "run", "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("moduleformer_exit.eval", run_name="__main__")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
     assert "--model_args" in out and "--include_path" in out
