@@ -28,11 +28,13 @@ setup(
         "moduleformer_exit.configs",
         "moduleformer_exit.data",
         "moduleformer_exit.search",
+        "moduleformer_exit.evaluation",
     ],
     package_data={
         "moduleformer_exit.configs": ["*.json", "**/*.json", "**/*.yaml", "recipes/*.json"],
         "moduleformer_exit.data": ["austen/*.txt", "austen/*.md"],
         "moduleformer_exit.search": ["*.json"],
+        "moduleformer_exit.evaluation": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"],
     },
     install_requires=[
         "torch>=2.4",
@@ -47,7 +49,9 @@ setup(
                   "peft>=0.13"],
         "gpu": ["triton>=3.6"],
         "search": ["matplotlib", "scipy"],
-        "test": ["pytest>=8", "numpy", "triton>=3.6", "matplotlib", "scipy"],
+        "eval": ["lm-eval>=0.4.13,<0.5", "accelerate>=1.0"],
+        "test": ["pytest>=8", "numpy", "triton>=3.6", "matplotlib", "scipy", "lm-eval>=0.4.13,<0.5",
+                 "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["moduleformer-exit=moduleformer_exit.cli:main"]},
 )

@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "quality proxy, latency and memory ('search validate-proxy' ranks the proxies)")
     search.add_argument("args", nargs=argparse.REMAINDER)
     search.set_defaults(func=lambda args: _run_search(args.args))
+    ev = sub.add_parser("eval", add_help=False, help="lm-eval 0.4 with the moduleformer-exit model type and the shipped "
+                        "offline tasks (every lm-eval flag; e.g. --tasks austen --model_args pretrained=DIR)")
+    ev.add_argument("args", nargs=argparse.REMAINDER)
+    ev.set_defaults(func=_eval_command)
     return parser
 
 
@@ -261,6 +265,13 @@ def _training_command(module: str):
     return run
 
 
+def _eval_command(args: argparse.Namespace) -> int:
+    """``func`` of ``eval``: lm-eval's CLI (needs the ``eval`` extra), see ``moduleformer_exit.evaluation.cli``."""
+    from .evaluation.cli import main as eval_main
+
+    return eval_main(args.args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``moduleformer-exit`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -269,6 +280,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _training_command(module)(argparse.Namespace(args=argv[1:]))
     if argv and argv[0] == "search":
         return _run_search(argv[1:])
+    if argv and argv[0] == "eval":  # forwarded whole to lm-eval's CLI
+        return _eval_command(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 
