@@ -11,13 +11,13 @@ cancels; the variants are interleaved and the fastest of ``repeats`` runs is kep
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..configuration import ModuleFormerConfig, bundled_config_path
 from ..modeling import ModuleFormerForCausalLM
+from .timing import fastest_ms
 
 __all__ = ["active_weight_shapes", "gemv_chain_ms", "bench_decode_limit", "DECODE_LIMIT_COLUMNS"]
 
@@ -37,19 +37,6 @@ def active_weight_shapes(config: ModuleFormerConfig) -> list[tuple[int, int]]:
     return layer * config.n_layer + [(d, v)]
 
 
-def _fastest(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Fastest seconds of each callable over ``repeats`` interleaved rounds (after one warm-up round)."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 def gemv_chain_ms(config: ModuleFormerConfig, batch: int = 1, repeats: int = 5) -> float:
     """Fastest ms of one chain of ``x @ W`` over all :func:`active_weight_shapes` (fresh fp32 matrices)."""
     gen = torch.Generator().manual_seed(0)
@@ -61,7 +48,7 @@ def gemv_chain_ms(config: ModuleFormerConfig, batch: int = 1, repeats: int = 5) 
             for m in mats:
                 inputs[m.shape[0]] @ m
 
-    return _fastest({"chain": chain}, repeats)["chain"] * 1e3
+    return fastest_ms({"chain": chain}, repeats)["chain"]
 
 
 def bench_decode_limit(config: Optional[ModuleFormerConfig] = None, batch_sizes: Sequence[int] = (1, 16),
@@ -89,7 +76,8 @@ def bench_decode_limit(config: Optional[ModuleFormerConfig] = None, batch_sizes:
                         model.generate(prompt, **kwargs)
                 return run
 
-            best = _fastest({"one": generate(1), "many": generate(new_tokens + 1)}, repeats)
+            fastest = fastest_ms({"one": generate(1), "many": generate(new_tokens + 1)}, repeats)
+            best = {name: ms / 1e3 for name, ms in fastest.items()}  # seconds
             per_token = (best["many"] - best["one"]) / new_tokens
             limit = gemv_chain_ms(config, batch, repeats=max(3, repeats))
             rows.append(dict(batch=batch, tokens_per_s=batch / per_token, ms_per_token=per_token * 1e3,

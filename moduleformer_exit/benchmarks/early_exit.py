@@ -5,12 +5,12 @@ T-token forward latency on a 512-token cache; a speed/quality PNG."""
 from __future__ import annotations
 
 import os
-import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..early_exit import BetaMixtureThreshold, EarlyExitConfig, LayerStack, generate_early_exit
+from .timing import time_calls
 
 DEFAULT_MODEL = os.path.join("runs", "early-exit-8l", "final")
 
@@ -44,10 +44,11 @@ def _prompts(tokenizer, count: int, prompt_len: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _perplexity(model, prompt: torch.Tensor, sequence: torch.Tensor) -> float:
-    """exp(mean NLL) of ``sequence``'s new tokens given its prompt under the full model (original head)."""
-    logits = model(sequence).logits[0, prompt.shape[1] - 1: -1].double()
-    target = sequence[0, prompt.shape[1]:]
-    return float(torch.nn.functional.cross_entropy(logits, target).exp())
+    """exp(mean NLL) of ``sequence``'s new tokens given its prompt under the full model (its own causal-LM loss of
+    the original head, prompt positions ignored)."""
+    labels = sequence.clone()
+    labels[:, : prompt.shape[1]] = -100
+    return float(model(sequence, labels=labels).lm_loss.exp())
 
 
 @torch.no_grad()
@@ -59,21 +60,23 @@ def forward_latency(model, context: int = 512, max_new: int = 9, repeats: int = 
     cache = stack.new_cache()
     ids = torch.randint(3, config.vocab_size, (1, context + max_new), generator=torch.Generator().manual_seed(0))
     stack.run(stack.embed(ids[:, :context]), 0, stack.num_layers, cache, None)
-    rows = []
-    for t in range(1, max_new + 1):
-        times, experts = [], 0.0
-        for _ in range(repeats):
-            route: list = []
-            start = time.perf_counter()
+    from ..early_exit.stack import distinct_experts
+
+    def forward(t: int, route: list):
+        def run() -> None:
+            route.clear()  # keeps the last call's routing
             hidden = stack.run(stack.embed(ids[:, context: context + t]), 0, stack.num_layers, cache, None, route)
             stack.logits(hidden, stack.num_layers)
-            times.append(time.perf_counter() - start)
-            stack.crop(cache, context)
-            from ..early_exit.stack import distinct_experts
+            stack.crop(cache, context)  # back to the context: every call sees the same cache (a cheap slice)
+        return run
 
-            experts = distinct_experts(route, config.k_att, config.k_mlp)
-        times.sort()
-        rows.append({"T": t, "ms": 1000 * times[len(times) // 2], "distinct_experts": experts})
+    routes = {t: [] for t in range(1, max_new + 1)}
+    times = time_calls({t: forward(t, routes[t]) for t in routes}, repeats)  # interleaved over T
+    rows = []
+    for t, ms in times.items():
+        ms = sorted(ms)
+        experts = distinct_experts(routes[t], config.k_att, config.k_mlp)
+        rows.append({"T": t, "ms": ms[len(ms) // 2], "distinct_experts": experts})
     base = rows[0]["ms"]
     for row in rows:
         row["vs_T1"] = row["ms"] / base
@@ -81,7 +84,7 @@ def forward_latency(model, context: int = 512, max_new: int = 9, repeats: int = 
 
 
 def bench_early_exit(model, tokenizer, prompts: int = 4, prompt_len: int = 32, new_tokens: int = 48,
-                     plot: Optional[str] = None, latency_context: int = 512) -> dict:
+                     plot: Optional[str] = None, latency_context: int = 512, repeats: int = 2) -> dict:
     """One run: every method of :func:`_methods` on the same prompts (batch 1, greedy, no EOS stop), side by side.
 
     Returns ``{"methods": rows, "latency": rows}``; a row has ``method``, ``tokens_per_s``, ``speedup`` (vs the own
@@ -92,20 +95,30 @@ def bench_early_exit(model, tokenizer, prompts: int = 4, prompt_len: int = 32, n
     inputs = _prompts(tokenizer, prompts, prompt_len)
     reference: list[torch.Tensor] = []
     rows = []
-    for label, cfg in _methods(stack_layers):
+    methods = list(_methods(stack_layers))
+    results: dict[str, tuple[list, list]] = {}
+
+    def decode_all(label: str, cfg) -> Callable[[], None]:
         calibrator = BetaMixtureThreshold(initial_threshold=cfg.threshold) if cfg.adaptive_threshold else None
-        generate_early_exit(model, inputs[0], cfg, max_new_tokens=4, eos_token_id=[], pad_token_id=0,
-                            calibrator=BetaMixtureThreshold() if cfg.adaptive_threshold else None)  # warm-up
-        seconds, outputs, stats = 0.0, [], []
-        for prompt in inputs:
-            start = time.perf_counter()
-            out = generate_early_exit(model, prompt, cfg, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0,
-                                      calibrator=calibrator, record_experts=cfg.method in ("free", "self_speculative"))
-            seconds += time.perf_counter() - start
-            outputs.append(out.sequences)
-            stats.append(out.stats)
-        if label == "full":
-            reference = outputs
+
+        def run() -> None:
+            outputs, stats = [], []
+            for prompt in inputs:
+                out = generate_early_exit(model, prompt, cfg, max_new_tokens=new_tokens, eos_token_id=[],
+                                          pad_token_id=0, calibrator=calibrator,
+                                          record_experts=cfg.method in ("free", "self_speculative"))
+                outputs.append(out.sequences)
+                stats.append(out.stats)
+            results[label] = (outputs, stats)
+        return run
+
+    # every method decodes every prompt, the methods interleaved (one warm-up round), so load hits them alike
+    times = time_calls({label: decode_all(label, cfg) for label, cfg in methods}, repeats=repeats)
+    reference = results["full"][0]
+    rows = []
+    for label, _ in methods:
+        outputs, stats = results[label]
+        seconds = min(times[label]) / 1e3
         agree = sum(float((o[0, prompt_len:] == r[0, prompt_len:]).float().mean()) for o, r in zip(outputs, reference))
         mean = lambda key: (sum(s[key] for s in stats) / len(stats)) if stats[0][key] is not None else None  # noqa
         rows.append({

@@ -11,13 +11,12 @@ and greedy decode (``generate`` with the KV cache). Rows give each side's time a
 """
 from __future__ import annotations
 
-import time
-from typing import Callable
 
 import torch
 
 from ..configuration import ModuleFormerConfig
 from ..modeling import ModuleFormerForCausalLM
+from .timing import fastest_ms
 
 __all__ = ["peer_configs", "bench_peers", "PEERS_COLUMNS"]
 
@@ -41,19 +40,6 @@ def peer_configs(width: int = 512, layers: int = 8, experts: int = 8, top_k: int
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     return ours, jet
-
-
-def _fastest(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Fastest ms of each callable over ``repeats`` interleaved rounds (after one warm-up round)."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
-    return best
 
 
 def bench_peers(batch: int = 2, prefill_len: int = 256, train_len: int = 128, prompt_len: int = 32,
@@ -112,7 +98,7 @@ def bench_peers(batch: int = 2, prefill_len: int = 256, train_len: int = 128, pr
         }
         rows = []
         for workload, (shape, fns) in workloads.items():
-            best = _fastest(fns, repeats)
+            best = fastest_ms(fns, repeats)
             rows.append(dict(workload=workload, shape=shape, ours_ms=best["ours"], jetmoe_ms=best["jetmoe"],
                              ours_over_jetmoe=best["jetmoe"] / best["ours"], ours_params_m=params["ours"],
                              jetmoe_params_m=params["jetmoe"]))
