@@ -298,7 +298,8 @@ class MultiExitMixin:
         reject_unknown_kwargs(kwargs, f"{type(self).__name__}.forward")
         outputs = self.backbone(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                 use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=True,
-                                return_dict=True, **cache_kwargs(cache), **backbone_kwargs, **self._backbone_extra_kwargs(labels))
+                                return_dict=True, **cache_kwargs(cache), **backbone_kwargs,
+                                **self._backbone_extra_kwargs(labels))
         hidden_states = outputs.hidden_states
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.output_logits(tuple(h[:, keep] for h in hidden_states))
