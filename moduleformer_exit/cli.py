@@ -107,6 +107,9 @@ def run_generate(args: argparse.Namespace) -> int:
     """Generate from a prompt, streaming tokens to stdout as they are produced."""
     from transformers import AutoTokenizer, TextStreamer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar before the streamed text
     _check_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     inputs = tokenizer(args.prompt, return_tensors="pt")
@@ -114,7 +117,10 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SystemExit("the prompt is empty (it encodes to no token): give some text to continue")
     if args.early_exit or args.self_speculative is not None:
         return run_generate_early_exit(args, tokenizer)
-    model = load_for_generation(args.model, args.contrast, args.exit, args.alpha)
+    try:
+        model = load_for_generation(args.model, args.contrast, args.exit, args.alpha)
+    except ValueError as error:  # an exit the model lacks, a bad contrast pair: the message names the fix
+        raise SystemExit(f"error: {error}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
