@@ -29,6 +29,8 @@ setup(
         "moduleformer_exit.data",
         "moduleformer_exit.search",
         "moduleformer_exit.evaluation",
+        "moduleformer_exit.early_exit",
+        "moduleformer_exit.pruning",
     ],
     package_data={
         "moduleformer_exit.configs": ["*.json", "**/*.json", "**/*.yaml", "recipes/*.json"],

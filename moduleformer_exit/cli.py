@@ -1,5 +1,5 @@
-"""``moduleformer-exit`` command line: ``bench`` (benchmark tables) and ``generate`` (streamed generation with the
-original head, one exit, or ACD); training: ``quickstart``, ``pretrain``, ``finetune``, ``train-exits``."""
+"""``moduleformer-exit`` command line: ``bench``, ``generate``, ``search``, ``eval``; training: ``quickstart``,
+``pretrain``, ``finetune``, ``train-exits``; experts: ``usage``, ``prune``, ``extend``."""
 from __future__ import annotations
 
 import argparse
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``moduleformer-exit`` argument parser."""
     parser = argparse.ArgumentParser(prog="moduleformer-exit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="print benchmark tables (MoE layer, stick-breaking attention, decode, ACD)")
+    bench = sub.add_parser("bench", help="print benchmark tables (MoE layer, stick-breaking attention, decode, "
+                                         "decode limit, ACD, training; peers / pruning / early-exit on request)")
     from .benchmarks.sections import SECTIONS
 
     bench.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)} (default: the CPU sections, "

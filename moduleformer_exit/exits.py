@@ -296,13 +296,18 @@ class MultiExitMixin:
                      if k in kwargs}
         backbone_kwargs = {k: v for k, v in passed_on.items() if v is not None}
         reject_unknown_kwargs(kwargs, f"{type(self).__name__}.forward")
+        # The original head alone (plain decoding) needs only the last hidden state: skip recording the others.
+        need_hidden = bool(labels is not None or output_hidden_states or not self.multi_exit_config.use_original_head)
         outputs = self.backbone(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=True,
-                                return_dict=True, **cache_kwargs(cache), **backbone_kwargs,
-                                **self._backbone_extra_kwargs(labels))
-        hidden_states = outputs.hidden_states
+                                use_cache=use_cache, output_attentions=output_attentions,
+                                output_hidden_states=need_hidden, return_dict=True, **cache_kwargs(cache),
+                                **backbone_kwargs, **self._backbone_extra_kwargs(labels))
+        hidden_states = outputs.hidden_states if need_hidden else None
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.output_logits(tuple(h[:, keep] for h in hidden_states))
+        if need_hidden:
+            logits = self.output_logits(tuple(h[:, keep] for h in hidden_states))
+        else:  # == exit_logits(hidden_states, "original"): the last hidden state is already final-normed
+            logits = self.lm_head(outputs.last_hidden_state[:, keep]).float()
         loss = lm_loss = exit_losses = None
         aux_loss = getattr(outputs, "aux_loss", None)
         if labels is not None:

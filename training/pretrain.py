@@ -301,16 +301,16 @@ def train(recipe: dict, out_dir: str, resume: bool = True, progress: bool = True
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moduleformer-exit pretrain", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="moduleformer-exit pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="recipe JSON path or bundled recipe name (configs/recipes/)")
     p.add_argument("--output-dir", default=None, help="run directory (default: runs/<recipe name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set training.max_steps=50 (JSON values); repeatable")
+                   help="override a recipe value, e.g. --set training.max_steps=50 (JSON values); repeatable "
+                        "(default: none)")
     p.add_argument("--no-resume", action="store_true",
                    help="start afresh (new tokenizer, step 0) even if the output directory has checkpoints; they "
-                        "stay until this run's saves replace them")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+                        "stay until this run's saves replace them (default: resume)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (default: a bar on a terminal)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
