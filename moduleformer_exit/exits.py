@@ -67,6 +67,8 @@ class MultiExitMixin:
             config.exit_loss_weighting = exit_loss_weighting
         _validate_loss_config(config)
         super().__init__(config, *args, **kwargs)
+        # transformers picks the loss from the class-name suffix ("...ForCausalLM"); ours are causal LMs too
+        self.loss_type = "ForCausalLM"
         num_layers, hidden = config.num_hidden_layers, config.hidden_size
         for k in config.lm_head_layer_indices:
             if not 1 <= k <= num_layers:
