@@ -6,22 +6,22 @@ from typing import Optional
 import torch
 
 from ..configuration import ModuleFormerConfig, bundled_config_path
+from ..accounting import parameter_counts
 from ..modeling import ModuleFormerForCausalLM
 from .timing import process_settings, time_calls
 
 
-def active_parameters(config: ModuleFormerConfig, include_embeddings: bool = False) -> int:
-    """Parameters one token uses: shared K/V, k_att of n_att_experts attention experts, k_mlp of n_mlp_experts MLP
-    experts, both gates, LayerNorms, ``lm_head`` (and the embedding row table if ``include_embeddings``)."""
-    d, a, f, g = config.n_embd, config.att_hidden, config.ffd_hidden, config.gating_size
-    gate_out = {"mlp": lambda e: d * g + g + e * g, "linear": lambda e: e * d, "gmm": lambda e: d * g + e * g + 1}
-    gate = gate_out[config.gate_type]
-    per_layer = (
-        config.k_att * 2 * d * a + 2 * (d * a + a) + config.k_mlp * 2 * d * f
-        + gate(config.n_att_experts) + gate(config.n_mlp_experts) + 4 * d
-    )
-    total = config.n_layer * per_layer + 2 * d + config.vocab_size * d
-    return total + (config.vocab_size * d if include_embeddings else 0)
+def active_parameters(config: ModuleFormerConfig) -> int:
+    """Parameters one decoded token reads (from :mod:`moduleformer_exit.accounting`): the active non-embedding
+    parameters plus ``lm_head`` (of the embedding table it reads one row)."""
+    return parameter_counts(config)["active_non_embedding"] + config.vocab_size * config.n_embd
+
+
+def decode_model(config: Optional[ModuleFormerConfig] = None) -> ModuleFormerForCausalLM:
+    """The decode benchmarks' model: ``config`` or ``configs/moduleformer-25m-active.json``, seeded, in eval mode."""
+    config = config or ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-25m-active"))
+    torch.manual_seed(0)
+    return ModuleFormerForCausalLM(config).eval()
 
 
 def bench_decode(
@@ -37,9 +37,8 @@ def bench_decode(
     Uses the ~25M-active-parameter config in ``configs/moduleformer-25m-active.json`` unless ``config`` is given.
     Returns dicts with ``batch``, ``prompt_len``, ``new_tokens``, ``seconds``, ``tokens_per_s``, ``active_params``.
     """
-    config = config or ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-25m-active"))
-    torch.manual_seed(0)
-    model = ModuleFormerForCausalLM(config).eval()
+    model = decode_model(config)
+    config = model.config
     rows = []
     for batch in batch_sizes:
         prompt = torch.randint(3, config.vocab_size, (batch, prompt_len))

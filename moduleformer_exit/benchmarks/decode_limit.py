@@ -15,9 +15,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..configuration import ModuleFormerConfig, bundled_config_path
-from ..modeling import ModuleFormerForCausalLM
-from .timing import fastest_ms
+from ..configuration import ModuleFormerConfig
+from .decode import decode_model
+from .timing import fastest_ms, process_settings
 
 __all__ = ["active_weight_shapes", "gemv_chain_ms", "bench_decode_limit", "DECODE_LIMIT_COLUMNS"]
 
@@ -57,12 +57,9 @@ def bench_decode_limit(config: Optional[ModuleFormerConfig] = None, batch_sizes:
 
     Uses ``configs/moduleformer-25m-active.json`` unless ``config`` is given; greedy ``generate`` with the KV cache.
     """
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        config = config or ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-25m-active"))
-        torch.manual_seed(0)
-        model = ModuleFormerForCausalLM(config).eval()
+    with process_settings(threads=threads):
+        model = decode_model(config)
+        config = model.config
         rows = []
         for batch in batch_sizes:
             prompt = torch.randint(3, config.vocab_size, (batch, prompt_len))
@@ -83,5 +80,3 @@ def bench_decode_limit(config: Optional[ModuleFormerConfig] = None, batch_sizes:
             rows.append(dict(batch=batch, tokens_per_s=batch / per_token, ms_per_token=per_token * 1e3,
                              gemv_limit_ms=limit, of_limit=limit / (per_token * 1e3)))
         return rows
-    finally:
-        torch.set_num_threads(old_threads)
