@@ -41,6 +41,10 @@ __all__ = ["ExpertParallelMoE", "ExpertExchange", "all_to_all", "shard_experts",
            "gather_expert_state_dict", "is_expert_parallel"]
 
 
+# torch >= 2.13 renamed all_gather_into_tensor (the old name warns); same signature
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _AllToAll(torch.autograd.Function):
     """Differentiable uneven ``all_to_all_single`` along dim 0; the backward sends gradients back the same way."""
 
@@ -248,6 +252,6 @@ def gather_expert_state_dict(model: nn.Module) -> dict[str, Tensor]:
         for sub in ("experts", "output_experts"):
             w = getattr(layer, sub).weight.detach().contiguous()
             full = w.new_empty((w.shape[0] * layer.ep_size, *w.shape[1:]))
-            dist.all_gather_into_tensor(full, w, group=layer.group)
+            _all_gather_single(full, w, group=layer.group)
             state[f"{name}.{sub}.weight"] = full
     return state
