@@ -165,3 +165,21 @@ def test_model_package_imports_without_deepspeed():
             "assert not [m for m in sys.modules if m.startswith('deepspeed') and sys.modules[m] is not None]\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_memory_model_of_molm_350m_4b_by_hand():
+    from moduleformer_exit.benchmarks.expert_parallel import memory_model
+
+    rows = {(r["strategy"], r["gpus"]): r for r in memory_model()}
+    d, a, f, layers = 1024, 1024, 2048, 24  # configs/moduleformer-350m-active.json: 16 attention, 32 MLP experts
+    experts = layers * (16 * 2 * d * a + 32 * 2 * d * f)
+    total = rows[("ZeRO-3", 8)]["params"]
+    assert rows[("ZeRO-3", 8)]["expert_params"] == experts
+    for n in (8, 64):
+        dp, z3, ep = rows[("DP + ZeRO-2", n)], rows[("ZeRO-3", n)], rows[("EP=8 + ZeRO-2", n)]
+        assert dp["weights_gb"] == pytest.approx(2 * total / 1e9)  # bf16 weights replicated
+        assert z3["weights_gb"] == pytest.approx(2 * total / n / 1e9)
+        assert ep["weights_gb"] == pytest.approx((2 * (total - experts) + 2 * experts / 8) / 1e9)
+        for r in (dp, z3, ep):  # gradients and fp32 Adam states partitioned over all n ranks in every strategy
+            assert r["grads_gb"] == pytest.approx(2 * total / n / 1e9)
+            assert r["optimizer_gb"] == pytest.approx(12 * total / n / 1e9)
