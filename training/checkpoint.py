@@ -271,8 +271,10 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     (``step``, ``position``)."""
     install_safe_loader(engine)
     tag_dir = os.path.join(ckpt_dir, tag)
-    custom = expert_load_fn(tag_dir) if is_expert_parallel(engine.module) else None  # each rank's own experts
-    load_path, client = engine.load_checkpoint(ckpt_dir, tag=tag, custom_load_fn=custom)
+    module = getattr(engine, "module", None)
+    # expert parallelism: each rank's own experts (ep_size 1: DeepSpeed's plain load, as before)
+    extra = {"custom_load_fn": expert_load_fn(tag_dir)} if module is not None and is_expert_parallel(module) else {}
+    load_path, client = engine.load_checkpoint(ckpt_dir, tag=tag, **extra)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir} (files missing?). Remove it and point "
                               f"{os.path.join(ckpt_dir, POINTER)} at another checkpoint, or use --no-resume.")
