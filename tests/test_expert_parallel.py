@@ -4,7 +4,6 @@ ZeRO-1 and ZeRO-2; the gathered export loads on one process with EP=1's logits; 
 bad ``ep_size`` values (ZeRO-3, indivisible counts, world size) are refused with the fix."""
 import json
 import os
-import signal
 import subprocess
 import sys
 

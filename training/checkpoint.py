@@ -177,7 +177,7 @@ def write_staging(engine, ckpt_dir: str, tag: str, client_state: dict, run_info_
     staging = tag + STAGING
     engine.save_checkpoint(ckpt_dir, tag=staging, client_state=client_state, save_latest=False)
     staging_dir = os.path.join(ckpt_dir, staging)
-    save_expert_shard(getattr(engine, "module", None), staging_dir)  # with EP: this rank's experts (DeepSpeed: rank 0's)
+    save_expert_shard(getattr(engine, "module", None), staging_dir)  # EP: this rank's experts (DeepSpeed: rank 0's)
     torch.save(rng_state(), os.path.join(staging_dir, f"rng_rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(staging_dir, "run.json"), "w", encoding="utf-8") as f:

@@ -188,7 +188,8 @@ def check_training(deepspeed, dist, rank):
         worst = max(base_grads[-1], key=lambda n: rel_err(ep_grads[-1][n], base_grads[-1][n]))
         empty = "transformer.h.1.attn.q_proj.experts.weight"
         results[f"zero{stage}"] = {
-            "ep1_losses": base_losses, "ep2_losses": ep_losses, "grad_rel_err_per_step": grad_errs, "grad_norm_rel_err_per_step": norm_errs,
+            "ep1_losses": base_losses, "ep2_losses": ep_losses, "grad_rel_err_per_step": grad_errs,
+            "grad_norm_rel_err_per_step": norm_errs,
             "worst_param_last_step": worst, "n_params_compared": len(base_grads[0]),
             "empty_expert_grad_max": float(max(g[empty][0].abs().max() for g in ep_grads)),
             "empty_expert_grad_max_ep1": float(max(g[empty][0].abs().max() for g in base_grads)),
