@@ -1,7 +1,8 @@
 """Checkpoint I/O of a pretraining run: crash-safe saves, a validated ``latest`` pointer, and resume that never
 unpickles code.
 
-Layout: ``checkpoints/step_<N>/`` (DeepSpeed's files, ``rng_rank<r>.pt``, ``run.json``: the recipe and data
+Layout: ``checkpoints/step_<N>/`` (DeepSpeed's files, ``rng_rank<r>.pt``, ``experts_ep<r>.safetensors`` with
+expert parallelism (``expert_parallel.py``), ``run.json``: the recipe and data
 fingerprint the checkpoint was trained with) and ``checkpoints/latest`` naming the last COMPLETE one.
 
 A save never touches what ``latest`` names until the new checkpoint is whole:
@@ -28,6 +29,8 @@ import shutil
 from typing import Optional
 
 import torch
+
+from .expert_parallel import expert_load_fn, is_expert_parallel, save_expert_shard
 
 POINTER = "latest"
 STAGING, OLD = ".tmp", ".old"
@@ -174,6 +177,7 @@ def write_staging(engine, ckpt_dir: str, tag: str, client_state: dict, run_info_
     staging = tag + STAGING
     engine.save_checkpoint(ckpt_dir, tag=staging, client_state=client_state, save_latest=False)
     staging_dir = os.path.join(ckpt_dir, staging)
+    save_expert_shard(getattr(engine, "module", None), staging_dir)  # EP: this rank's experts (DeepSpeed: rank 0's)
     torch.save(rng_state(), os.path.join(staging_dir, f"rng_rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(staging_dir, "run.json"), "w", encoding="utf-8") as f:
@@ -267,7 +271,10 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     (``step``, ``position``)."""
     install_safe_loader(engine)
     tag_dir = os.path.join(ckpt_dir, tag)
-    load_path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+    module = getattr(engine, "module", None)
+    # expert parallelism: each rank's own experts (ep_size 1: DeepSpeed's plain load, as before)
+    extra = {"custom_load_fn": expert_load_fn(tag_dir)} if module is not None and is_expert_parallel(module) else {}
+    load_path, client = engine.load_checkpoint(ckpt_dir, tag=tag, **extra)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir} (files missing?). Remove it and point "
                               f"{os.path.join(ckpt_dir, POINTER)} at another checkpoint, or use --no-resume.")

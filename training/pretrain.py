@@ -33,7 +33,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .distributed import RendezvousError, init_deepspeed_distributed, offline_by_default, shutdown_distributed
 from .logging_utils import JsonlLogger
-from .recipe import RecipeError, load_recipe, model_config_kwargs
+from .recipe import RecipeError, ep_size, load_recipe, model_config_kwargs
 from .run_dir import (RunMismatchError, check_resume, read_run_info, recover_dir, run_info, save_tokenizer_atomically,
                       write_json_atomically)
 
@@ -80,6 +80,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def deepspeed_config(recipe: dict, world_size: int) -> dict:
     ds = json.loads(json.dumps(recipe["deepspeed"]))
+    ds.pop("ep_size", None)  # ours (expert_parallel.py), not a DeepSpeed config key
     ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
@@ -95,6 +96,10 @@ def init_engine(deepspeed, model: nn.Module, recipe: dict, world: int):
     t = recipe["training"]
     schedule = warmup_cosine(t["warmup_steps"], t["max_steps"], t["min_lr_ratio"])
     groups = param_groups(model, t["weight_decay"])
+    if ep_size(recipe) > 1:
+        from .expert_parallel import moe_param_groups
+
+        groups = moe_param_groups(groups)  # expert weights reduced / partitioned within their expert-data group
     ds_config = deepspeed_config(recipe, world)
     scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
     if t["optimizer"] == "client":
@@ -162,9 +167,16 @@ def preflight(recipe: dict, out_dir: str, resume: bool) -> Optional[str]:
 
 # ----------------------------------------------------------------------------------------------- export
 def export_model(engine, out_dir: str, tokenizer, dist) -> None:
-    """``save_pretrained`` (safetensors, fp32) of the multi-exit model + tokenizer; gathers ZeRO-3 partitions."""
+    """``save_pretrained`` (safetensors, fp32) of the multi-exit model + tokenizer; gathers ZeRO-3 partitions and
+    expert-parallel shards (all experts in the file, loadable on one process)."""
+    from .expert_parallel import full_state_dict, is_expert_parallel
+
     model = engine.module
-    if engine.zero_optimization_stage() == 3:
+    if is_expert_parallel(model):  # every rank takes part in gathering the experts (ZeRO-3 is refused with EP)
+        gathered = full_state_dict(model)
+        if dist.get_rank() == 0:
+            state = {k: v.float().clone() for k, v in gathered.items()}
+    elif engine.zero_optimization_stage() == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
@@ -226,6 +238,16 @@ def train(recipe: dict, out_dir: str, resume: bool = True, progress: bool = True
         write_json_atomically(os.path.join(out_dir, "recipe.json"), recipe)
 
     model = build_model(recipe, vocab_size, t["seed"], tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())  # the whole model, before any sharding
+    ep = ep_size(recipe)
+    if ep > 1:
+        from .expert_parallel import check_expert_parallel_config, enable_expert_parallel
+
+        problems = check_expert_parallel_config(ep, recipe["deepspeed"].get("zero_optimization", {}).get("stage", 0),
+                                                world_size=world)
+        if problems:
+            raise RecipeError("Invalid recipe:\n  - " + "\n  - ".join(problems))
+        enable_expert_parallel(model, ep)
     engine, ds_config = init_engine(deepspeed, model, recipe, world)
     step, position = 0, 0
     if tag is not None:
@@ -240,11 +262,11 @@ def train(recipe: dict, out_dir: str, resume: bool = True, progress: bool = True
     order = BlockOrder(data.train.shape[0], recipe["data"]["seed"] + t["seed"])
     logger = JsonlLogger(out_dir, rank == 0)
     if tag is None:
-        logger.log({"kind": "start", "world_size": world, "n_train_blocks": data.train.shape[0],
+        logger.log({"kind": "start", "world_size": world, "ep_size": ep, "n_train_blocks": data.train.shape[0],
                     "n_heldout_blocks": data.heldout.shape[0], "vocab_size": vocab_size,
                     "unigram_ppl": unigram_perplexity(data.train, data.heldout, vocab_size),
-                    "n_params": sum(p.numel() for p in model.parameters()) if engine.zero_optimization_stage() < 3
-                    else None})
+                    "n_params": n_params, "n_params_per_rank": sum(p.numel() for p in model.parameters())
+                    if engine.zero_optimization_stage() < 3 else None})
     else:
         logger.log({"kind": "resume", "step": step, "position": position, "tag": tag})
     # the bar only on a terminal: redrawn with \r and ANSI codes, it would litter a log file

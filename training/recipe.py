@@ -14,7 +14,8 @@ A recipe has five sections; every key is optional except ``model`` (defaults bel
                    "log_interval": 10, "eval_interval": 100, "save_interval": 100, "keep_checkpoints": 2,
                    "eval_batch_size": 16, "flush_denormal": true},
      "deepspeed": {DeepSpeed config: "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                   "gradient_clipping", "zero_optimization": {"stage": 0-3}, "bf16": {"enabled": bool}}}
+                   "gradient_clipping", "zero_optimization": {"stage": 0-3}, "bf16": {"enabled": bool},
+                   "ep_size": 1 (expert parallelism: ranks sharing one layer's experts; ours, not DeepSpeed's)}}
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
 DS_KEYS = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "zero_optimization",
            "bf16", "fp16", "steps_per_print", "wall_clock_breakdown", "train_batch_size", "optimizer", "scheduler",
            "activation_checkpointing", "communication_data_type", "prescale_gradients", "zero_allow_untested_optimizer",
-           "zero_force_ds_cpu_optimizer", "seed", "data_types", "flops_profiler", "tensorboard", "comms_logger"}
+           "zero_force_ds_cpu_optimizer", "seed", "data_types", "flops_profiler", "tensorboard", "comms_logger",
+           "ep_size"}
 
 
 class RecipeError(ValueError):
@@ -248,6 +250,14 @@ def validate_recipe(recipe: dict) -> None:
             errors.append(f"model: {e}")
             cfg = None
         if cfg is not None:
+            if isinstance(ds, dict) and ds.get("ep_size", 1) != 1:
+                from .expert_parallel import check_expert_parallel_config
+
+                counts = tuple(c for layer in range(cfg.n_layer)
+                               for c in (cfg.att_experts_at(layer), cfg.mlp_experts_at(layer)))
+                zero = ds.get("zero_optimization", {})
+                errors.extend(check_expert_parallel_config(
+                    ds["ep_size"], zero.get("stage", 0) if isinstance(zero, dict) else 0, expert_counts=counts))
             known = set(ModuleFormerConfig().to_dict())
             for key in model:
                 if key not in known and key not in ("vocab_size",):
@@ -264,6 +274,11 @@ def validate_recipe(recipe: dict) -> None:
                  f"exits.loss_weight must be >= 0, got {ex.get('loss_weight')!r}")
     if errors:
         raise RecipeError("Invalid recipe:\n  - " + "\n  - ".join(errors))
+
+
+def ep_size(recipe: dict) -> int:
+    """The recipe's expert-parallel size (``deepspeed.ep_size``, default 1: every rank holds every expert)."""
+    return int(recipe["deepspeed"].get("ep_size", 1))
 
 
 def model_config_kwargs(recipe: dict, vocab_size: Optional[int] = None) -> dict:

@@ -137,6 +137,20 @@ def _render_early_exit(rows: list[dict], table: Callable) -> None:
     render_early_exit(rows[0], table)
 
 
+def _expert_parallel(quick: bool, threads: int, options: Optional[dict] = None) -> list[dict]:
+    try:
+        from .expert_parallel import run_section
+    except ImportError as error:  # the train extra is optional
+        raise SystemExit(f"bench expert-parallel needs the train extra (pip install -e '.[train]'): {error}")
+    return run_section(quick, threads)
+
+
+def _render_expert_parallel(rows: list[dict], table: Callable) -> None:
+    from .expert_parallel import render_expert_parallel
+
+    render_expert_parallel(rows, table)
+
+
 def _cuda_experts(quick: bool, threads: int, options: Optional[dict] = None) -> list[dict]:
     from .kernels_cuda import bench_expert_kernels_cuda
 
@@ -196,6 +210,9 @@ SECTIONS: dict[str, Section] = {
     "early-exit": Section(
         "Early-exit decoding vs full-depth greedy on a trained multi-exit model (--early-exit-model, "
         "--early-exit-plot)", [], _early_exit, on_request=True, render=_render_early_exit),
+    "expert-parallel": Section(
+        "Expert parallelism: EP=1 vs EP=2 on 2 processes (tokens/s, peak RSS per rank) + MoLM-350M-4B memory model",
+        [], _expert_parallel, on_request=True, render=_render_expert_parallel),
     "cuda_experts": Section("GPU routed expert MLP vs dense GEMM pair of equal active FLOPs (bf16; eff = dense / "
                             "path)", _cuda_expert_columns, _cuda_experts, device="cuda"),
     "cuda_attention": Section(
