@@ -318,8 +318,10 @@ def test_stale_world_size_fails_fast_naming_the_variables(monkeypatch):
         distributed._rendezvous("gloo")
     assert time.time() - t0 < 20
     monkeypatch.delenv("MASTER_PORT")
+    before = dict(os.environ)
     with pytest.raises(distributed.RendezvousError, match="MASTER_PORT is not set"):
         distributed.ensure_dist_env()
+    assert dict(os.environ) == before  # a failed call sets nothing (a leaked LOCAL_RANK broke later runs)
 
 
 def test_training_commands_are_offline_by_default(monkeypatch):

@@ -51,6 +51,10 @@ def ensure_dist_env() -> None:
 
 
 def _ensure_dist_env() -> None:
+    # validate before setting anything: a failed call must leave the environment as it found it (a leaked
+    # LOCAL_RANK makes accelerate start a process group in the next run of the same process)
+    if "RANK" in os.environ and "MASTER_PORT" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RendezvousError(_stale_env_hint("MASTER_PORT is not set"))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -58,10 +62,7 @@ def _ensure_dist_env() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if int(os.environ["WORLD_SIZE"]) > 1:
-            raise RendezvousError(_stale_env_hint("MASTER_PORT is not set"))
-        os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 
