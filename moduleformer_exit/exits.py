@@ -309,6 +309,34 @@ class MultiExitMixin:
             loss = loss + aux_weight * aux_loss
         return loss
 
+    # kwargs generate(early_exit=...) passes on to generate_early_exit (anything else is refused, not ignored)
+    EARLY_EXIT_GENERATE_KWARGS = frozenset({"attention_mask", "max_new_tokens", "eos_token_id", "pad_token_id",
+                                            "generator", "calibrator", "return_dict_in_generate"})
+
+    def generate(self, inputs: Optional[Tensor] = None, *args: Any, early_exit=None, **kwargs: Any):
+        """transformers' ``generate``, or with ``early_exit=EarlyExitConfig(...)`` early-exit decoding
+        (:func:`~moduleformer_exit.early_exit.generate_early_exit`): ``inputs`` / ``input_ids`` ``[B, P]``,
+        ``attention_mask``, ``max_new_tokens`` (default: the generation config's, else 20), ``eos_token_id``,
+        ``pad_token_id``, ``generator``, ``calibrator``; returns the sequences ``[B, P + N]`` (the
+        ``EarlyExitOutput`` with ``return_dict_in_generate=True``).
+
+        :raises TypeError: another generation argument with ``early_exit`` (it would be ignored)."""
+        if early_exit is None:
+            return super().generate(inputs, *args, **kwargs)
+        from .early_exit import generate_early_exit
+
+        input_ids = kwargs.pop("input_ids", inputs)
+        unknown = sorted(set(kwargs) - self.EARLY_EXIT_GENERATE_KWARGS)
+        if args or unknown or input_ids is None:
+            raise TypeError(f"generate(early_exit=...) takes input_ids and {sorted(self.EARLY_EXIT_GENERATE_KWARGS)}"
+                            f"; got {'positional arguments, ' if args else ''}{unknown or 'no input_ids'}. The method "
+                            f"and its options (sampling, gamma, thresholds) go into the EarlyExitConfig.")
+        as_dict = kwargs.pop("return_dict_in_generate", False)
+        if kwargs.get("max_new_tokens") is None:
+            kwargs["max_new_tokens"] = getattr(self.generation_config, "max_new_tokens", None) or 20
+        out = generate_early_exit(self, input_ids, early_exit, **kwargs)
+        return out if as_dict else out.sequences
+
     def _backbone_extra_kwargs(self, labels: Optional[Tensor]) -> dict[str, Any]:
         """Backbone-specific forward arguments (ModuleFormer: when to compute the router aux loss)."""
         return {}
