@@ -28,8 +28,9 @@ def backbone_config(backbone, n_layer=L, vocab=VOCAB, **overrides):
         return ModuleFormerConfig(**tiny_config_kwargs(n_layer=n_layer, vocab_size=vocab, **overrides))
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     ids.update(overrides)
-    if backbone == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=n_layer, n_head=2, n_positions=64, **ids)
+    if backbone in ("gpt2", "gpt2_eager"):  # SDPA (the default) and eager attention read the 4-D mask differently
+        attn = {"attn_implementation": "eager"} if backbone == "gpt2_eager" else {}
+        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=n_layer, n_head=2, n_positions=64, **ids, **attn)
     return GPTNeoConfig(vocab_size=vocab, hidden_size=32, num_layers=n_layer, num_heads=2, intermediate_size=48,
                         attention_types=[[["global", "local"], n_layer // 2]], window_size=4,
                         max_position_embeddings=64, **ids)
@@ -39,7 +40,7 @@ def residual_outputs(backbone, block):
     """The output projections of a block's attention and MLP branches (scaled to make exits agree)."""
     if backbone == "moduleformer":
         return [block.mlpf.output_experts, block.attn.q_proj.output_experts]
-    if backbone == "gpt2":
+    if backbone in ("gpt2", "gpt2_eager"):
         return [block.attn.c_proj, block.mlp.c_proj]
     return [block.attn.attention.out_proj, block.mlp.c_proj]
 
@@ -265,10 +266,11 @@ def test_free_tokens_match_teacher_forced_full_model(backbone, adaptive):
 
 
 # --------------------------------------------------------------------------------------------------- self-spec
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", BACKBONES + ["gpt2_eager"])
 @pytest.mark.parametrize("k,gamma", [(1, 1), (1, 4), (2, 3), (3, 2), (3, 6)])
 def test_self_speculative_greedy_equals_plain_greedy(backbone, k, gamma):
     model = make(backbone, seed=5, scale=0.3)
+    assert backbone != "gpt2_eager" or model.config._attn_implementation == "eager"
     x, mask = padded_batch()
     ref = hf_greedy(model, x, 20, mask)
     eos = int(ref[0, 6 + 9])  # stops row 0 inside a block

@@ -41,8 +41,8 @@ DEFAULTS: dict[str, Any] = {
              "vocab_size": 2048, "max_train_blocks": None, "max_heldout_blocks": 64, "num_proc": None},
     "training": {"max_steps": 200, "lr": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 20, "weight_decay": 0.1,
                  "betas": [0.9, 0.95], "eps": 1e-8, "optimizer": "client", "seed": 0, "log_interval": 10,
-                 "eval_interval": 100, "save_interval": 100, "keep_checkpoints": 2, "eval_batch_size": 16, "flush_denormal": True,
-                 "init_from": None},
+                 "eval_interval": 100, "save_interval": 100, "keep_checkpoints": 2, "eval_batch_size": 16,
+                 "flush_denormal": True, "init_from": None},
     "deepspeed": {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
                   "zero_optimization": {"stage": 0}, "bf16": {"enabled": False}},
 }
