@@ -1,7 +1,8 @@
 """``bench --only early-exit``: early-exit decoding (static, CALM, FREE, self-speculative) against the own
-full-depth greedy loop on a trained multi-exit ModuleFormer: decode tokens/s, agreement with full greedy, held-out
+full-depth greedy loop on trained multi-exit models (by default the recipes' 8-layer ModuleFormer, its LayerSkip
+continuation and the 8-layer GPT-Neo, cached under ``runs/``): decode tokens/s, agreement with full greedy,
 perplexity of the produced text under the full model, layers per token, acceptance, distinct experts per verify; the
-T-token forward latency on a 512-token cache; a speed/quality PNG."""
+T-token forward latency on a 512-token cache; a speed/quality PNG (one panel per model)."""
 from __future__ import annotations
 
 import os
@@ -12,22 +13,28 @@ import torch
 from ..early_exit import BetaMixtureThreshold, EarlyExitConfig, LayerStack, generate_early_exit
 from .timing import time_calls
 
-DEFAULT_MODEL = os.path.join("runs", "early-exit-8l", "final")
+# model directory -> the recipe that trains it (``moduleformer-exit pretrain RECIPE --output-dir runs/<name>``)
+DEFAULT_MODELS = {os.path.join("runs", name, "final"): f"configs/recipes/{name}.json"
+                  for name in ("early-exit-8l", "early-exit-8l-layerskip", "early-exit-neo-8l")}
+DEFAULT_MODEL = ",".join(DEFAULT_MODELS)
 
 
 def _methods(num_layers: int) -> list[tuple[str, EarlyExitConfig]]:
-    """The (label, config) grid measured; exits checked by CALM every 2 layers (head checks are not free)."""
+    """The (label, config) grid measured; exits checked by CALM every 2 layers (head checks are not free). The
+    thresholds reach down to 0.1: small models trained briefly have flat distributions (softmax margins < 0.4), and
+    FREE's adaptive threshold only recalibrates after tokens did exit, so it starts at 0.4."""
     half, quarter = num_layers // 2, max(1, num_layers // 4)
     rows = [("full", EarlyExitConfig("full"))]
     rows += [(f"static k={k}", EarlyExitConfig("static", exit_layer=k)) for k in (half, num_layers - quarter)]
     rows += [(f"calm t={t}", EarlyExitConfig("calm", threshold=t, min_layer=quarter,
                                              exit_layers=list(range(quarter, num_layers, 2))))
-             for t in (0.4, 0.7, 0.9)]
-    rows += [(f"free S={half} t={t}", EarlyExitConfig("free", exit_layer=half, threshold=t)) for t in (0.4, 0.7, 0.9)]
-    rows.append((f"free S={half} adaptive", EarlyExitConfig("free", exit_layer=half, threshold=0.9,
+             for t in (0.1, 0.2, 0.4, 0.7)]
+    rows += [(f"free S={half} t={t}", EarlyExitConfig("free", exit_layer=half, threshold=t))
+             for t in (0.1, 0.2, 0.4, 0.7)]
+    rows.append((f"free S={half} adaptive", EarlyExitConfig("free", exit_layer=half, threshold=0.4,
                                                             adaptive_threshold=True)))
     rows += [(f"self-spec k={k} g={g}", EarlyExitConfig("self_speculative", exit_layer=k, gamma=g))
-             for k, g in ((quarter, 4), (half, 3), (half, 6))]
+             for k, g in sorted({(1, 4), (quarter, 4), (quarter, 6), (half, 3), (half, 6)})]
     return rows
 
 
@@ -60,12 +67,12 @@ def forward_latency(model, context: int = 512, max_new: int = 9, repeats: int = 
     cache = stack.new_cache()
     ids = torch.randint(3, config.vocab_size, (1, context + max_new), generator=torch.Generator().manual_seed(0))
     stack.run(stack.embed(ids[:, :context]), 0, stack.num_layers, cache, None)
-    from ..early_exit.stack import distinct_experts
 
     def forward(t: int, route: list):
         def run() -> None:
             route.clear()  # keeps the last call's routing
-            hidden = stack.run(stack.embed(ids[:, context: context + t]), 0, stack.num_layers, cache, None, route)
+            hidden = stack.run(stack.embed(ids[:, context: context + t], context), 0, stack.num_layers, cache, None,
+                               route)
             stack.logits(hidden, stack.num_layers)
             stack.crop(cache, context)  # back to the context: every call sees the same cache (a cheap slice)
         return run
@@ -75,7 +82,7 @@ def forward_latency(model, context: int = 512, max_new: int = 9, repeats: int = 
     rows = []
     for t, ms in times.items():
         ms = sorted(ms)
-        experts = distinct_experts(routes[t], config.k_att, config.k_mlp)
+        experts = stack.distinct_experts(routes[t])
         rows.append({"T": t, "ms": ms[len(ms) // 2], "distinct_experts": experts})
     base = rows[0]["ms"]
     for row in rows:
@@ -84,14 +91,14 @@ def forward_latency(model, context: int = 512, max_new: int = 9, repeats: int = 
 
 
 def bench_early_exit(model, tokenizer, prompts: int = 4, prompt_len: int = 32, new_tokens: int = 48,
-                     plot: Optional[str] = None, latency_context: int = 512, repeats: int = 2) -> dict:
+                     latency_context: int = 512, repeats: int = 3) -> dict:
     """One run: every method of :func:`_methods` on the same prompts (batch 1, greedy, no EOS stop), side by side.
 
     Returns ``{"methods": rows, "latency": rows}``; a row has ``method``, ``tokens_per_s``, ``speedup`` (vs the own
     full loop), ``agreement`` (share of positions equal to full greedy), ``exact`` (sequences identical),
     ``ppl`` (full-model perplexity of the produced text), ``layers_per_token``, ``mean_exit_layer``,
     ``acceptance_rate``, ``distinct_experts_per_verify``."""
-    stack_layers = model.config.n_layer
+    stack_layers = model.config.num_hidden_layers
     inputs = _prompts(tokenizer, prompts, prompt_len)
     reference: list[torch.Tensor] = []
     rows = []
@@ -136,79 +143,102 @@ def bench_early_exit(model, tokenizer, prompts: int = 4, prompt_len: int = 32, n
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / base
     latency = forward_latency(model, context=latency_context)
-    if plot:
-        _plot(rows, plot)
     return {"methods": rows, "latency": latency}
 
 
-def _plot(rows: list[dict], path: str) -> None:
-    """Speed-up vs agreement with full greedy, one marker family per method, labelled by setting."""
+def _plot(results: list[dict], path: str) -> None:
+    """Speed-up vs agreement with full greedy, one panel per model, one marker family per method, labelled by
+    setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    families = {}
-    for row in rows:
-        families.setdefault(row["method"].split()[0], []).append(row)
-    for family, members in families.items():
-        ax.plot([m["agreement"] for m in members], [m["speedup"] for m in members], "o-", label=family)
-        for m in members:
-            ax.annotate(m["method"].split(" ", 1)[-1], (m["agreement"], m["speedup"]), fontsize=7)
-    ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("token agreement with full greedy")
-    ax.set_ylabel("decode tokens/s vs full-depth loop")
-    ax.set_title("Early exit on the 8-layer ModuleFormer (CPU, batch 1)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        families = {}
+        for row in result["methods"]:
+            families.setdefault(row["method"].split()[0], []).append(row)
+        for family, members in families.items():
+            ax.plot([m["agreement"] for m in members], [m["speedup"] for m in members], "o-", label=family)
+            for m in members:
+                ax.annotate(m["method"].split(" ", 1)[-1], (m["agreement"], m["speedup"]), fontsize=7)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xlabel("token agreement with full greedy")
+        ax.set_ylabel("decode tokens/s vs full-depth loop")
+        ax.set_title(f"{result['model']} (CPU, batch 1)", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run_early_exit_bench(args, table=None) -> dict:
-    """The bench section: load ``args.early_exit_model`` (or a random tiny model with ``args.quick``) and run;
-    prints the tables with ``table(title, columns, rows)`` when given (see :func:`render_early_exit`)."""
+def _quick_models() -> list[tuple[str, object, object]]:
+    """Random tiny multi-exit models (4 layers, exits 1..3): a ModuleFormer and a GPT-Neo with a local layer."""
+    from transformers import GPTNeoConfig
+
+    from ..configuration import ModuleFormerConfig, bundled_config_path
+    from ..multi_exit_config import MultiExitConfiguration
+    from ..multi_exit_models import AutoMultiExitModel
+
+    config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
+    config.n_layer = 4
+    neo = GPTNeoConfig(vocab_size=config.vocab_size, hidden_size=64, num_layers=4, num_heads=2,
+                       attention_types=[[["global", "local"], 2]], window_size=8, max_position_embeddings=64)
+
+    class _Ids:  # no tokenizer needed: byte ids folded into the vocabulary
+        def __call__(self, text, return_tensors=None):
+            ids = torch.tensor([[b % (config.vocab_size - 3) + 3 for b in text.encode()]])
+            return type("Enc", (), {"input_ids": ids})()
+
+    models = []
+    for name, cfg in (("random tiny ModuleFormer", config), ("random tiny GPT-Neo", neo)):
+        torch.manual_seed(0)
+        models.append((name, AutoMultiExitModel.from_config(cfg, MultiExitConfiguration(
+            lm_head_layer_indices=tuple(range(1, 4)))).eval(), _Ids()))
+    return models
+
+
+def run_early_exit_bench(args, table=None) -> list[dict]:
+    """The bench section: every model of ``args.early_exit_model`` (comma-separated directories; or random tiny
+    models with ``args.quick``), one result per model; prints the tables with ``table(title, columns, rows)`` when
+    given (see :func:`render_early_exit`) and writes ``args.early_exit_plot``."""
     from transformers import AutoTokenizer
 
     from ..multi_exit_models import AutoMultiExitModel
 
+    results = []
     if args.quick:
-        from ..configuration import ModuleFormerConfig, bundled_config_path
-        from ..multi_exit_config import MultiExitConfiguration
-
-        config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
-        config.n_layer = 4
-        torch.manual_seed(0)
-        model = AutoMultiExitModel.from_config(config, MultiExitConfiguration(
-            lm_head_layer_indices=tuple(range(1, 4)))).eval()
-
-        class _Ids:  # no tokenizer needed: byte ids folded into the vocabulary
-            def __call__(self, text, return_tensors=None):
-                ids = torch.tensor([[b % (config.vocab_size - 3) + 3 for b in text.encode()]])
-                return type("Enc", (), {"input_ids": ids})()
-
-        result = bench_early_exit(model, _Ids(), prompts=1, prompt_len=8, new_tokens=6, plot=args.early_exit_plot,
-                                  latency_context=16)
+        for name, model, ids in _quick_models():
+            result = bench_early_exit(model, ids, prompts=1, prompt_len=8, new_tokens=6, latency_context=16)
+            results.append({"model": name, **result})
     else:
-        path = args.early_exit_model
-        if not os.path.isdir(path):
-            raise SystemExit(f"bench early-exit needs a trained multi-exit model at {path}: train one with "
-                             f"`moduleformer-exit pretrain configs/recipes/early-exit-8l.json --output-dir "
-                             f"runs/early-exit-8l` (or pass --early-exit-model DIR).")
-        model = AutoMultiExitModel.from_pretrained(path).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        result = bench_early_exit(model, tokenizer, plot=args.early_exit_plot)
+        paths = [p for p in str(args.early_exit_model).split(",") if p]
+        missing = [p for p in paths if not os.path.isdir(p)]
+        if missing:
+            hints = "; ".join(f"`moduleformer-exit pretrain {DEFAULT_MODELS[p]} --output-dir {os.path.dirname(p)}`"
+                              for p in missing if p in DEFAULT_MODELS)
+            raise SystemExit(f"bench early-exit needs trained multi-exit models at {', '.join(missing)}"
+                             f"{': train them with ' + hints if hints else ''} (or pass --early-exit-model DIR,...).")
+        for path in paths:
+            model = AutoMultiExitModel.from_pretrained(path).eval()
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            results.append({"model": f"{path} ({type(model).__name__})",
+                            **bench_early_exit(model, tokenizer)})
+    if args.early_exit_plot:
+        _plot(results, args.early_exit_plot)
     if table is not None:
-        render_early_exit(result, table)
-    return result
+        render_early_exit(results, table)
+    return results
 
 
-def render_early_exit(result: dict, table) -> None:
-    """Print the section's two tables (methods; forward latency vs new tokens)."""
-    table("Early-exit decoding vs the own full-depth greedy loop (batch 1, greedy; speedup = tokens/s ratio)",
-          [("method", ""), ("tokens_per_s", ".1f"), ("speedup", ".2f"), ("agreement", ".1%"), ("exact", ".0%"),
-           ("ppl", ".1f"), ("layers_per_token", ".2f"), ("mean_exit_layer", ".2f"), ("acceptance_rate", ".1%"),
-           ("distinct_experts_per_verify", ".1f")], result["methods"])
-    table("Full-depth forward of T new tokens on a cache (ms; distinct experts per block)",
-          [("T", "d"), ("ms", ".2f"), ("vs_T1", ".2f"), ("distinct_experts", ".1f")], result["latency"])
+def render_early_exit(results: list[dict], table) -> None:
+    """Print the section's two tables per model (methods; forward latency vs new tokens)."""
+    for result in results:
+        table(f"{result['model']}: early-exit decoding vs the own full-depth greedy loop (batch 1, greedy; "
+              f"speedup = tokens/s ratio)",
+              [("method", ""), ("tokens_per_s", ".1f"), ("speedup", ".2f"), ("agreement", ".1%"), ("exact", ".0%"),
+               ("ppl", ".1f"), ("layers_per_token", ".2f"), ("mean_exit_layer", ".2f"), ("acceptance_rate", ".1%"),
+               ("distinct_experts_per_verify", ".1f")], result["methods"])
+        table(f"{result['model']}: full-depth forward of T new tokens on a cache (ms; distinct experts per block)",
+              [("T", "d"), ("ms", ".2f"), ("vs_T1", ".2f"), ("distinct_experts", ".1f")], result["latency"])
