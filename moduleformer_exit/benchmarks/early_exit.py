@@ -60,12 +60,12 @@ def forward_latency(model, context: int = 512, max_new: int = 9, repeats: int = 
     cache = stack.new_cache()
     ids = torch.randint(3, config.vocab_size, (1, context + max_new), generator=torch.Generator().manual_seed(0))
     stack.run(stack.embed(ids[:, :context]), 0, stack.num_layers, cache, None)
-    from ..early_exit.stack import distinct_experts
 
     def forward(t: int, route: list):
         def run() -> None:
             route.clear()  # keeps the last call's routing
-            hidden = stack.run(stack.embed(ids[:, context: context + t]), 0, stack.num_layers, cache, None, route)
+            hidden = stack.run(stack.embed(ids[:, context: context + t], context), 0, stack.num_layers, cache, None,
+                               route)
             stack.logits(hidden, stack.num_layers)
             stack.crop(cache, context)  # back to the context: every call sees the same cache (a cheap slice)
         return run
@@ -75,7 +75,7 @@ def forward_latency(model, context: int = 512, max_new: int = 9, repeats: int = 
     rows = []
     for t, ms in times.items():
         ms = sorted(ms)
-        experts = distinct_experts(routes[t], config.k_att, config.k_mlp)
+        experts = stack.distinct_experts(routes[t])
         rows.append({"T": t, "ms": ms[len(ms) // 2], "distinct_experts": experts})
     base = rows[0]["ms"]
     for row in rows:
@@ -91,7 +91,7 @@ def bench_early_exit(model, tokenizer, prompts: int = 4, prompt_len: int = 32, n
     full loop), ``agreement`` (share of positions equal to full greedy), ``exact`` (sequences identical),
     ``ppl`` (full-model perplexity of the produced text), ``layers_per_token``, ``mean_exit_layer``,
     ``acceptance_rate``, ``distinct_experts_per_verify``."""
-    stack_layers = model.config.n_layer
+    stack_layers = model.config.num_hidden_layers
     inputs = _prompts(tokenizer, prompts, prompt_len)
     reference: list[torch.Tensor] = []
     rows = []

@@ -1,5 +1,6 @@
 """``generate_early_exit``: one entry point for full / static / CALM / FREE / self-speculative decoding of a
-ModuleFormer (plain or multi-exit), returning the tokens, each token's exit layer and the decode counters."""
+ModuleFormer, GPT-2 or GPT-Neo causal LM (plain or multi-exit; other backbones through a registered adapter),
+returning the tokens, each token's exit layer and the decode counters."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ def generate_early_exit(model: nn.Module, input_ids: Tensor, early_exit: EarlyEx
     ``record_experts``: count distinct experts per verify / deep call (a small cost). ``return_cache``: also return
     the per-layer KV cache (it covers every position but the last emitted token; FREE's deep blocks lag by the queue).
 
-    :raises ValueError: a layer without an exit head, a non-ModuleFormer model, a model in train mode, bad sizes.
+    :raises ValueError: a layer without an exit head, a backbone without an adapter, a model in train mode, bad
+        sizes, a sequence beyond the position embeddings.
     """
     if not isinstance(early_exit, EarlyExitConfig):
         raise TypeError(f"early_exit must be an EarlyExitConfig, got {type(early_exit).__name__}.")

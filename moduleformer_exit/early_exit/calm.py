@@ -56,7 +56,7 @@ def decode_calm(stack: LayerStack, cfg: EarlyExitConfig, input_ids: Tensor, mask
     cache = stack.new_cache()
     prompt_len = input_ids.shape[1]
     mask = masks.upto(prompt_len)
-    states = [stack.embed(input_ids)]
+    states = [stack.embed(input_ids, 0, mask)]
     for layer in range(num_layers):
         states.append(stack.run(states[-1], layer, layer + 1, cache, mask))
     threshold = calm_threshold(cfg, 0, sink.max_new_tokens)
@@ -76,14 +76,14 @@ def decode_calm(stack: LayerStack, cfg: EarlyExitConfig, input_ids: Tensor, mask
         threshold = calm_threshold(cfg, sink.count, sink.max_new_tokens)
         stats.thresholds.append(threshold)
         mask = masks.upto(length + 1)
-        h, prev = stack.embed(x), None
+        h, prev = stack.embed(x, length, mask), None
         token, exit_at = None, num_layers
         for layer in range(num_layers):  # `layer` blocks done
             if layer in candidates:
                 conf, logits = _confidence(stack, cfg, h, prev, layer)
                 stats.head_calls += logits is not None
                 if _confident(conf, threshold, sink.finished):
-                    stack.propagate(h, layer, num_layers, cache)
+                    stack.propagate(h, layer, num_layers, cache, mask)
                     stats.kv_projections += num_layers - layer
                     exit_at = layer
                     token = (logits if logits is not None else stack.logits(h, layer)[:, -1]).argmax(-1)

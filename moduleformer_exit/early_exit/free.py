@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .beta_mixture import BetaMixtureThreshold
 from .config import EarlyExitConfig
-from .stack import LayerStack, distinct_experts, softmax_margin
+from .stack import LayerStack, softmax_margin
 from transformers.cache_utils import DynamicCache
 
 from .state import DecodeStats, MaskBook, TokenSink
@@ -29,7 +29,7 @@ def decode_free(stack: LayerStack, cfg: EarlyExitConfig, input_ids: Tensor, mask
     cache = stack.new_cache()
     prompt_len = input_ids.shape[1]
     mask = masks.upto(prompt_len)
-    h = stack.run(stack.embed(input_ids), 0, shallow, cache, mask)
+    h = stack.run(stack.embed(input_ids, 0, mask), 0, shallow, cache, mask)
     shallow_logits = stack.logits(h[:, -1:], shallow)[:, -1]
     stats.head_calls += 1
     if bool(((softmax_margin(shallow_logits) > threshold) | sink.finished).all()):
@@ -44,7 +44,8 @@ def decode_free(stack: LayerStack, cfg: EarlyExitConfig, input_ids: Tensor, mask
     pend_conf: list[Tensor] = []
     pend_pred: list[Tensor] = []
     while not sink.done:
-        h = stack.run(stack.embed(x), 0, shallow, cache, masks.upto(length + 1))
+        step_mask = masks.upto(length + 1)
+        h = stack.run(stack.embed(x, length, step_mask), 0, shallow, cache, step_mask)
         length += 1
         stats.block_tokens += shallow
         shallow_logits = stack.logits(h, shallow)[:, -1]
@@ -63,9 +64,9 @@ def decode_free(stack: LayerStack, cfg: EarlyExitConfig, input_ids: Tensor, mask
         stats.block_tokens += (num_layers - shallow) * batch.shape[1]
         stats.deep_calls += 1
         stats.catch_up_tokens += len(queue)
-        if route is not None:
-            config = stack.model.config
-            stats.verify_experts.append(distinct_experts(route, config.k_att, config.k_mlp))
+        experts = stack.distinct_experts(route) if route is not None else None
+        if experts is not None:
+            stats.verify_experts.append(experts)
         if cfg.adaptive_threshold and queue:  # FREE adds pairs only at parallel calls
             deep_pred = stack.logits(deep, num_layers).argmax(-1)  # [B, k + 1]
             stats.head_calls += batch.shape[1]

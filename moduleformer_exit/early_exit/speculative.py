@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .config import EarlyExitConfig
-from .stack import LayerStack, distinct_experts
+from .stack import LayerStack
 from transformers.cache_utils import DynamicCache
 
 from .state import DecodeStats, MaskBook, TokenSink
@@ -36,7 +36,8 @@ def decode_self_speculative(stack: LayerStack, cfg: EarlyExitConfig, input_ids: 
     draft_layers, num_layers = int(cfg.exit_layer), stack.num_layers
     cache = stack.new_cache()
     length = input_ids.shape[1]
-    h = stack.run(stack.embed(input_ids), 0, num_layers, cache, masks.upto(length))
+    mask = masks.upto(length)
+    h = stack.run(stack.embed(input_ids, 0, mask), 0, num_layers, cache, mask)
     token, _ = _pick(stack.logits(h[:, -1:], num_layers)[:, -1], cfg, generator)
     x = sink.push(token, num_layers)  # [B]; every block caches `length` positions, x is not cached yet
     while not sink.done:
@@ -44,23 +45,23 @@ def decode_self_speculative(stack: LayerStack, cfg: EarlyExitConfig, input_ids: 
         drafts, draft_probs, states = [], [], []
         current = x
         for j in range(gamma):
-            hk = stack.run(stack.embed(current[:, None]), 0, draft_layers, cache, masks.upto(length + j + 1))
+            mask = masks.upto(length + j + 1)
+            hk = stack.run(stack.embed(current[:, None], length + j, mask), 0, draft_layers, cache, mask)
             states.append(hk)
             current, q = _pick(stack.logits(hk, draft_layers)[:, -1], cfg, generator)
             drafts.append(current)
             draft_probs.append(q)
-        states.append(stack.run(stack.embed(current[:, None]), 0, draft_layers, cache,
-                                masks.upto(length + gamma + 1)))
+        mask = masks.upto(length + gamma + 1)
+        states.append(stack.run(stack.embed(current[:, None], length + gamma, mask), 0, draft_layers, cache, mask))
         route = [] if record_experts else None
-        deep = stack.run(torch.cat(states, 1), draft_layers, num_layers, cache, masks.upto(length + gamma + 1),
-                         route=route)
+        deep = stack.run(torch.cat(states, 1), draft_layers, num_layers, cache, mask, route=route)
         full_logits = stack.logits(deep, num_layers)  # [B, gamma + 1, V]: position j predicts after draft j
         stats.block_tokens += draft_layers * (gamma + 1) + (num_layers - draft_layers) * (gamma + 1)
         stats.head_calls += gamma + gamma + 1
         stats.steps += 1
-        if route is not None:
-            config = stack.model.config
-            stats.verify_experts.append(distinct_experts(route, config.k_att, config.k_mlp))
+        experts = stack.distinct_experts(route) if route is not None else None
+        if experts is not None:
+            stats.verify_experts.append(experts)
         tokens = _accept(cfg, drafts, draft_probs, full_logits, sink.finished, generator)
         accepted = len(tokens) - 1
         stats.drafted += gamma

@@ -1,9 +1,10 @@
 """The layer-range runner every early-exit method is built from: embed, run blocks [start, end) on top of a per-layer
 KV cache, project K/V for skipped layers (state propagation), exit logits, per-layer cache lengths and crops.
 
-Only ModuleFormer backbones are supported: its blocks take ``(hidden, mask, cache, compute_aux, output_attentions)``
-and have no position ids, so a catch-up or verify batch over new positions needs no position bookkeeping. GPT-2 /
-GPT-Neo blocks need version-specific position ids and 4-D masks; they raise a clear error here.
+What differs between backbone families (position ids, the 4-D mask, block signatures, K/V projections) lives in one
+:class:`~.backbones.BackboneAdapter` per family (ModuleFormer, GPT-2, GPT-Neo; :func:`~.backbones.register_adapter`
+adds more). Every block range gets the position ids and the mask of ITS cache length: FREE's deep blocks and the
+draft blocks of self-speculation hold other lengths than block 0.
 """
 from __future__ import annotations
 
@@ -13,27 +14,21 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
-from ..modeling import ModuleFormerModel
+from .backbones import BackboneAdapter, adapter_for, positions_from_mask
 
 
 class LayerStack:
-    """Wraps a ModuleFormer causal LM (plain or multi-exit) in eval mode for layer-range decoding.
+    """Wraps a causal LM (plain or multi-exit ModuleFormer / GPT-2 / GPT-Neo) in eval mode for layer-range decoding.
 
     ``num_layers`` = L. ``head_layers``: layers with an exit head (L always, via the original ``lm_head``)."""
 
     def __init__(self, model: nn.Module, shared_head: bool = False) -> None:
-        backbone = getattr(model, "transformer", None)
-        if not isinstance(backbone, ModuleFormerModel):
-            raise ValueError(
-                f"early-exit decoding supports ModuleFormer backbones (ModuleFormerForCausalLM, "
-                f"MultiExitModuleFormer); "
-                f"got {type(model).__name__}. GPT-2 / GPT-Neo blocks need position ids and 4-D masks per layer range, "
-                f"which this runner does not build; convert the model to a ModuleFormer or decode at full depth.")
+        self.adapter: BackboneAdapter = adapter_for(model)
         if model.training:
             raise ValueError("early-exit decoding needs model.eval() (dropout and router sampling must be off).")
-        self.model, self.backbone, self.shared_head = model, backbone, shared_head
-        self.blocks = backbone.h
-        self.num_layers = int(model.config.n_layer)
+        self.model, self.backbone, self.shared_head = model, self.adapter.backbone, shared_head
+        self.blocks = self.adapter.blocks
+        self.num_layers = self.adapter.num_layers
         trained = getattr(model, "exit_layers", None) or []
         self.head_layers = list(range(1, self.num_layers + 1)) if shared_head else sorted(set(trained))
 
@@ -58,64 +53,69 @@ class LayerStack:
                 cache.layers[layer].values = cache.layers[layer].values[..., :length, :]
 
     # ----------------------------------------------------------------------------------------------- compute
-    def embed(self, input_ids: Tensor) -> Tensor:
-        """``[B, T]`` ids -> ``[B, T, D]`` block-0 inputs (out-of-vocabulary ids raise ValueError)."""
-        self.backbone._check_input_ids(input_ids)
-        return self.backbone.drop(self.backbone.wte(input_ids))
+    def embed(self, input_ids: Tensor, past: int = 0, mask: Optional[Tensor] = None) -> Tensor:
+        """``[B, T]`` ids at slots ``past .. past + T - 1`` -> ``[B, T, D]`` block-0 inputs. ``mask`` ``[B, past + T]``
+        (0/1, or None) numbers the positions as ``generate()`` does for left padding. Bad ids raise ValueError."""
+        positions = (positions_from_mask(mask, past, input_ids.shape[1], input_ids.device)
+                     if self.adapter.needs_positions else None)
+        return self.adapter.embed(input_ids, positions)
 
     def run(self, hidden: Tensor, start: int, end: int, cache: Optional[DynamicCache], mask: Optional[Tensor],
             route: Optional[list] = None) -> Tensor:
         """Run blocks ``[start, end)`` on ``hidden`` ``[B, T, D]``, appending T positions to each block's cache.
 
         ``mask`` ``[B, C + T]`` (0/1 over the blocks' cached + new positions; all blocks in the range must have the
-        same cache length C) or None. ``route``: a list that receives each block's (att, mlp) router logits."""
+        same cache length C) or None. ``route``: a list that receives each block's routing record (MoE backbones)."""
+        if start >= end:
+            return hidden
+        past = 0 if cache is None else self.length(cache, start)
+        length = hidden.shape[1]
+        positions = (positions_from_mask(mask, past, length, hidden.device) if self.adapter.needs_positions
+                     else None)
+        inputs = self.adapter.layer_inputs(hidden, past, mask, positions)
         for layer in range(start, end):
-            hidden, _, routing, _ = self.blocks[layer](hidden, mask, cache, False, False)
-            if route is not None:
+            hidden, routing = self.adapter.block(layer, hidden, cache, inputs)
+            if route is not None and routing is not None:
                 route.append(routing)
         return hidden
 
-    def propagate(self, hidden: Tensor, start: int, end: int, cache: DynamicCache) -> None:
-        """CALM state propagation: append ``k_proj_j(ln_1_j(hidden))``, ``v_proj_j(...)`` to blocks ``[start, end)``.
+    def propagate(self, hidden: Tensor, start: int, end: int, cache: DynamicCache,
+                  mask: Optional[Tensor] = None) -> None:
+        """CALM state propagation: append to blocks ``[start, end)`` the K/V each would compute from ``hidden``.
 
-        ``hidden`` ``[B, T, D]`` (the exit state; only the K/V projections of the skipped blocks run)."""
-        bsz, length, _ = hidden.shape
+        ``hidden`` ``[B, T, D]`` (the exit state; only the K/V projections of the skipped blocks run); ``mask`` as in
+        :meth:`run` (position-dependent K/V, e.g. rotary, need it)."""
+        if start >= end:
+            return
+        past = self.length(cache, start)
+        positions = (positions_from_mask(mask, past, hidden.shape[1], hidden.device) if self.adapter.needs_positions
+                     else None)
+        inputs = self.adapter.layer_inputs(hidden, past, mask, positions)
         for layer in range(start, end):
-            attn = self.blocks[layer].attn
-            x = self.blocks[layer].ln_1(hidden)
-            k = attn.k_proj(x).view(bsz, length, attn.n_head, attn.head_size).transpose(1, 2)
-            v = attn.v_proj(x).view(bsz, length, attn.n_head, attn.head_size).transpose(1, 2)
+            k, v = self.adapter.kv(layer, hidden, inputs)
             cache.update(k, v, layer)
+
+    def distinct_experts(self, route: list) -> Optional[float]:
+        """Mean distinct experts per block of one recorded call (None for dense backbones)."""
+        return self.adapter.distinct_experts(route)
 
     def logits(self, hidden: Tensor, layer: int) -> Tensor:
         """Float32 logits ``[B, T, V]`` of exit ``layer`` from the state after ``layer`` blocks (not yet normed).
 
         ``layer == L``: the model's original head ``lm_head(ln_f(h))`` (what plain ``generate`` uses). Below L: the
         trained exit head ``head_k(ln_f(h))`` or, with ``shared_head`` and no trained head, ``lm_head(ln_f(h))``."""
-        normed = self.backbone.ln_f(hidden)
         if layer == self.num_layers:
-            return self.model.lm_head(normed).float()
+            return self.model.lm_head(self.adapter.final_norm(hidden)).float()
         trained = getattr(self.model, "exit_layers", None) or []
         if layer in trained:
             # exit_logits applies ln_f itself below the top layer; it indexes hidden_states by layer.
             return self.model.exit_logits({layer: hidden}, layer)
         if not self.shared_head:
             raise ValueError(f"exit layer {layer} has no exit head; pass shared_head=True for ln_f + lm_head.")
-        return self.model.lm_head(normed).float()
+        return self.model.lm_head(self.adapter.final_norm(hidden)).float()
 
 
 def softmax_margin(logits: Tensor) -> Tensor:
     """Top-1 minus top-2 probability ``[...]`` of ``logits`` ``[..., V]`` (CALM / FREE softmax confidence)."""
     top = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
     return top[..., 0] - top[..., 1]
-
-
-def distinct_experts(route: list, top_k_att: int, top_k_mlp: int) -> float:
-    """Mean over the recorded blocks of the distinct (attention + MLP) experts selected by any token of a call.
-
-    ``route``: one ``(att_logits [N, E_att], mlp_logits [N, E_mlp])`` pair per block (eval routing = top-k)."""
-    if not route:
-        return 0.0
-    counts = [att.topk(top_k_att, -1).indices.unique().numel() + mlp.topk(top_k_mlp, -1).indices.unique().numel()
-              for att, mlp in route]
-    return float(sum(counts)) / len(counts)

@@ -17,7 +17,8 @@ def decode_static(stack: LayerStack, input_ids: Tensor, masks: MaskBook, sink: T
     x = input_ids
     length = 0
     while not sink.done:
-        h = stack.run(stack.embed(x), 0, exit_layer, cache, masks.upto(length + x.shape[1]))
+        mask = masks.upto(length + x.shape[1])
+        h = stack.run(stack.embed(x, length, mask), 0, exit_layer, cache, mask)
         length += x.shape[1]
         stats.block_tokens += exit_layer * x.shape[1] if stats.steps else 0  # prompt prefill not counted
         stats.head_calls += 1
