@@ -148,9 +148,11 @@ def test_free_parallel_catch_up_equals_sequential_computation(kind):
         stack.run(h[:, :5], 2, L, one, None)
         out_par = stack.run(h[:, 5:], 2, L, par, None)
         out_one = torch.cat([stack.run(h[:, t: t + 1], 2, L, one, None) for t in range(5, seq.shape[1])], 1)
-        hidden, _ = full_forward(model, kind, x, torch.ones_like(x), seq)
+        hidden, logits = full_forward(model, kind, x, torch.ones_like(x), seq)
+        top_logits = stack.logits(out_par, L)
     torch.testing.assert_close(out_par, out_one, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stack.adapter.final_norm(out_par), hidden[L][:, 5:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(top_logits, logits[:, 5:], atol=1e-5, rtol=1e-5)  # T5: with the tied rescale
     for j in range(2, L):
         for a, b in ((stack.adapter.self_cache(par).layers[j], stack.adapter.self_cache(one).layers[j]),):
             torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
