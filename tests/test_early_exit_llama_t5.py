@@ -259,3 +259,23 @@ def test_calm_llama_cache_equals_cache_free_forward_with_propagated_states():
     for i, e in enumerate(out.exit_layers[0].tolist()):
         p = x.shape[1] - 1 + i
         assert int(stack.logits(states[e][:, p: p + 1], e).argmax()) == int(out.sequences[0, x.shape[1] + i])
+
+
+def test_t5_shallow_deep_loss_on_the_decoder():
+    """FREE's own setting: shallow-deep CE on the T5 decoder through the shared head (unshifted, as T5's loss)."""
+    from moduleformer_exit.early_exit.losses import shallow_deep_loss
+
+    model = make("t5", mode="SHARED_PROJECTION_DIRECT")
+    x, mask = inputs("t5")
+    labels = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(9))
+    out = model(input_ids=x, attention_mask=mask, labels=labels, output_hidden_states=True)
+    hs = out.decoder_hidden_states
+    parts = shallow_deep_loss(model, hs, labels, shallow=1, alpha=0.5)
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        shallow = model.lm_head(model.decoder.final_layer_norm(hs[1]) * 16 ** -0.5)
+        deep = model.lm_head(hs[L] * 16 ** -0.5)
+    assert parts["ce_shallow"].item() == pytest.approx(ce(shallow.flatten(0, 1), labels.flatten()).item(), rel=1e-5)
+    assert parts["ce_deep"].item() == pytest.approx(ce(deep.flatten(0, 1), labels.flatten()).item(), rel=1e-5)
+    expected = (1 * parts["ce_shallow"] + L * parts["ce_deep"]) / (1 + L) + 0.5 * parts["kd"]
+    assert parts["loss"].item() == pytest.approx(expected.item(), rel=1e-6)

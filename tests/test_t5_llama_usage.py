@@ -183,3 +183,14 @@ def test_cast_matrices_fit_by_least_squares(checkpoint):
     solution = torch.linalg.lstsq(torch.cat(xs), torch.cat(ys)).solution
     torch.testing.assert_close(model.name_to_conv_matrix["1_to_3"].weight.double(), solution.T, atol=1e-4,
                                rtol=1e-3)
+
+
+def test_generate_command_self_speculative_prints_plain_greedy(checkpoint, capsys):
+    """``generate --self-speculative 1`` (lossless) prints what plain ``generate`` prints."""
+    kind, directory, _ = checkpoint
+    assert main(["generate", "a single man", "--model", str(directory), "--max-new-tokens", "6"]) == 0
+    plain = capsys.readouterr().out.strip()
+    assert main(["generate", "a single man", "--model", str(directory), "--max-new-tokens", "6",
+                 "--self-speculative", "1", "--gamma", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == plain and "[self_speculative]" in captured.err
