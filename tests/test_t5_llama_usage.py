@@ -194,3 +194,31 @@ def test_generate_command_self_speculative_prints_plain_greedy(checkpoint, capsy
                  "--self-speculative", "1", "--gamma", "2"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == plain and "[self_speculative]" in captured.err
+
+
+def test_forward_takes_the_cache_under_both_names_and_refuses_unknown_kwargs(checkpoint):
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    kind, directory, _ = checkpoint
+    model = AutoMultiExitModel.from_pretrained(directory).eval()
+    x = torch.randint(2, 300, (1, 5))
+    step = {"decoder_input_ids": torch.zeros(1, 1, dtype=torch.long)} if kind == "t5" else {}
+    first = (lambda: dict(input_ids=x, **step)) if kind == "t5" else (lambda: dict(input_ids=x))
+    new_cache = ((lambda: model.new_decoder_cache()) if kind == "t5"
+                 else (lambda: DynamicCache(config=model.config)))
+    with torch.no_grad():
+        logits = {}
+        for name in ("cache", "past_key_values"):
+            cache = new_cache()
+            model(**first(), use_cache=True, **{name: cache})
+            nxt = dict(input_ids=x, decoder_input_ids=torch.ones(1, 1, dtype=torch.long)) if kind == "t5" else \
+                dict(input_ids=torch.ones(1, 1, dtype=torch.long))
+            logits[name] = model(**nxt, use_cache=True, **{name: cache}).logits
+            assert isinstance(cache, EncoderDecoderCache if kind == "t5" else DynamicCache)
+            assert cache.get_seq_length() == (2 if kind == "t5" else 6)
+        torch.testing.assert_close(logits["cache"], logits["past_key_values"])
+        full = (model(input_ids=x, decoder_input_ids=torch.tensor([[0, 1]])).logits if kind == "t5"
+                else model(torch.cat([x, torch.ones(1, 1, dtype=torch.long)], 1)).logits)
+        torch.testing.assert_close(logits["cache"], full[:, -1:], atol=1e-5, rtol=1e-5)  # = the uncached forward
+        with pytest.raises(TypeError, match="no_such_option"):
+            model(**first(), no_such_option=1)
