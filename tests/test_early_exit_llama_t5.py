@@ -279,3 +279,57 @@ def test_t5_shallow_deep_loss_on_the_decoder():
     assert parts["ce_deep"].item() == pytest.approx(ce(deep.flatten(0, 1), labels.flatten()).item(), rel=1e-5)
     expected = (1 * parts["ce_shallow"] + L * parts["ce_deep"]) / (1 + L) + 0.5 * parts["kd"]
     assert parts["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _t5_states_with_propagation(model, x, seq, exit_of_position):
+    """Cache-free forward of the decoder sequence ``seq`` [1, S] block by block through T5's own modules (causal mask,
+    block 0's relative bias over the whole sequence, cross-attention to the encoder states of ``x``), position p's
+    state frozen after exit_of_position[p] blocks. Returns the states after each block and the self-attention
+    keys / values of every block."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    from moduleformer_exit.hf_compat import cache_kwargs
+
+    with torch.no_grad():
+        encoded = model.encoder(input_ids=x).last_hidden_state
+        h = model.decoder.embed_tokens(seq)
+        length = seq.shape[1]
+        mask = torch.full((length, length), torch.finfo(h.dtype).min).triu(1)[None, None]
+        bias = model.decoder.block[0].layer[0].SelfAttention.compute_bias(length, length)
+        frozen = torch.tensor(exit_of_position)[None, :, None]
+        states, keys, values = [h], [], []
+        for j, block in enumerate(model.decoder.block):
+            cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config),
+                                        DynamicCache(config=model.decoder.config))
+            out = block(h, attention_mask=mask, position_bias=bias, encoder_hidden_states=encoded,
+                        **cache_kwargs(cache))[0]
+            keys.append(cache.self_attention_cache.layers[j].keys)
+            values.append(cache.self_attention_cache.layers[j].values)
+            h = torch.where(frozen > j, out, h)
+            states.append(h)
+    return states, keys, values
+
+
+def test_calm_t5_cache_equals_cache_free_forward_with_propagated_states():
+    model = make("t5", seed=3, scale=0.3, sharpen=3.0)
+    x, _ = inputs("t5", seed=1, batch=1)
+    for threshold in (0.5, 0.3, 0.7, 0.2, 0.85, 0.95):  # the first level giving mixed exits
+        out = run(model, x, EarlyExitConfig("calm", threshold=threshold, min_layer=1), 10, return_cache=True)
+        seen = set(out.exit_layers[0].tolist())
+        if len(seen) > 1 and L in seen:
+            break
+    assert len(seen) > 1 and L in seen, f"the test needs mixed exits, got {seen}"
+    seq = out.sequences[:, :-1]
+    # the reference itself: with every state at full depth it reproduces the decoder's own hidden states
+    plain_states, _, _ = _t5_states_with_propagation(model, x, seq, [L] * seq.shape[1])
+    hidden, _ = full_forward(model, "t5", x, torch.ones_like(x), seq)
+    torch.testing.assert_close(model.decoder.final_layer_norm(plain_states[L]), hidden[L], atol=1e-5, rtol=1e-5)
+    exits = [L] + out.exit_layers[0, 1:].tolist()  # position p's state exits where token p+1 came from
+    states, keys, values = _t5_states_with_propagation(model, x, seq, exits)
+    cache = out.cache.self_attention_cache
+    for j in range(L):
+        torch.testing.assert_close(cache.layers[j].keys, keys[j], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(cache.layers[j].values, values[j], atol=2e-5, rtol=1e-4)
+    stack = LayerStack(model)
+    for i, e in enumerate(out.exit_layers[0].tolist()):
+        assert int(stack.logits(states[e][:, i: i + 1], e).argmax()) == int(out.sequences[0, 1 + i])
