@@ -1,6 +1,8 @@
 """Early-exit decoding (static, CALM, FREE, self-speculative) on tiny Llama and T5 (decoder exits; the encoder runs
 once) multi-exit models, against independent references: HF ``generate``, the model's own cache-free forward of the
 whole sequence (hidden states after k blocks), and the teacher-forced full model."""
+import inspect
+
 import pytest
 import torch
 from transformers import LlamaConfig, T5Config
@@ -12,6 +14,9 @@ from moduleformer_exit.multi_exit_config import MultiExitConfiguration as MEC
 
 VOCAB, L = 61, 4
 KINDS = ["llama", "t5"]
+# make() settings whose exits often agree with the top layer (drafts accepted, mixed CALM exits) on transformers 5.3
+# and 5.24 alike (random initialisation differs between releases)
+AGREE = {"llama": dict(seed=1, scale=0.3), "t5": dict(seed=3, scale=0.1, sharpen=3.0)}
 
 
 def make(kind, seed=0, scale=None, sharpen=8.0, mode="LAYER_SPECIFIC_PROJECTION"):
@@ -150,13 +155,13 @@ def test_free_parallel_catch_up_equals_sequential_computation(kind):
         out_one = torch.cat([stack.run(h[:, t: t + 1], 2, L, one, None) for t in range(5, seq.shape[1])], 1)
         hidden, logits = full_forward(model, kind, x, torch.ones_like(x), seq)
         top_logits = stack.logits(out_par, L)
-    torch.testing.assert_close(out_par, out_one, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(stack.adapter.final_norm(out_par), hidden[L][:, 5:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(top_logits, logits[:, 5:], atol=1e-5, rtol=1e-5)  # T5: with the tied rescale
+    torch.testing.assert_close(out_par, out_one, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(stack.adapter.final_norm(out_par), hidden[L][:, 5:], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(top_logits, logits[:, 5:], atol=2e-5, rtol=1e-4)  # T5: with the tied rescale
     for j in range(2, L):
         for a, b in ((stack.adapter.self_cache(par).layers[j], stack.adapter.self_cache(one).layers[j]),):
-            torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a.keys, b.keys, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(a.values, b.values, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -187,7 +192,7 @@ def test_free_tokens_match_teacher_forced_full_model(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k,gamma", [(1, 3), (2, 2), (3, 5)])
 def test_self_speculative_greedy_equals_plain_greedy(kind, k, gamma):
-    model = make(kind, seed=1, scale=0.3)
+    model = make(kind, **AGREE[kind])
     x, mask = inputs(kind)
     out = run(model, x, EarlyExitConfig("self_speculative", exit_layer=k, gamma=gamma), 12, mask)
     assert torch.equal(out.sequences, hf_greedy(model, x, mask, 12))
@@ -199,7 +204,7 @@ def test_self_speculative_greedy_equals_plain_greedy(kind, k, gamma):
 def test_shared_projection_direct_drafts_without_new_heads(kind):
     """LayerSkip-style checkpoint: no exit heads; SHARED_PROJECTION_DIRECT reads layer 2 through the model's own
     norm and lm_head, which drafts for lossless self-speculative decoding."""
-    model = make(kind, seed=1, scale=0.3, mode="SHARED_PROJECTION_DIRECT")
+    model = make(kind, mode="SHARED_PROJECTION_DIRECT", **AGREE[kind])
     assert not hasattr(model, "name_to_lm_exit_head") or not len(model.name_to_lm_exit_head)
     x, mask = inputs(kind)
     out = run(model, x, EarlyExitConfig("self_speculative", exit_layer=2, gamma=3), 12, mask)
@@ -296,13 +301,16 @@ def _t5_states_with_propagation(model, x, seq, exit_of_position):
         length = seq.shape[1]
         mask = torch.full((length, length), torch.finfo(h.dtype).min).triu(1)[None, None]
         bias = model.decoder.block[0].layer[0].SelfAttention.compute_bias(length, length)
+        # transformers 5.3's blocks take cache_position and read a given position_bias as bias + mask
+        legacy = "cache_position" in inspect.signature(type(model.decoder.block[0]).forward).parameters
+        kwargs = (dict(attention_mask=None, position_bias=bias + mask, cache_position=torch.arange(length),
+                       use_cache=True) if legacy else dict(attention_mask=mask, position_bias=bias))
         frozen = torch.tensor(exit_of_position)[None, :, None]
         states, keys, values = [h], [], []
         for j, block in enumerate(model.decoder.block):
             cache = EncoderDecoderCache(DynamicCache(config=model.decoder.config),
                                         DynamicCache(config=model.decoder.config))
-            out = block(h, attention_mask=mask, position_bias=bias, encoder_hidden_states=encoded,
-                        **cache_kwargs(cache))[0]
+            out = block(h, encoder_hidden_states=encoded, **kwargs, **cache_kwargs(cache))[0]
             keys.append(cache.self_attention_cache.layers[j].keys)
             values.append(cache.self_attention_cache.layers[j].values)
             h = torch.where(frozen > j, out, h)
@@ -311,7 +319,7 @@ def _t5_states_with_propagation(model, x, seq, exit_of_position):
 
 
 def test_calm_t5_cache_equals_cache_free_forward_with_propagated_states():
-    model = make("t5", seed=3, scale=0.3, sharpen=3.0)
+    model = make("t5", **AGREE["t5"])
     x, _ = inputs("t5", seed=1, batch=1)
     for threshold in (0.5, 0.3, 0.7, 0.2, 0.85, 0.95):  # the first level giving mixed exits
         out = run(model, x, EarlyExitConfig("calm", threshold=threshold, min_layer=1), 10, return_cache=True)

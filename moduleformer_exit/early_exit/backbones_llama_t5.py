@@ -11,6 +11,7 @@ first time it runs and cached). Skipped blocks cache ``k(layer_norm(h))`` / ``v(
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -18,10 +19,15 @@ from torch import Tensor, nn
 from transformers import LlamaModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-from transformers.models.t5.modeling_t5 import T5Stack
+from transformers.models.t5.modeling_t5 import T5Block, T5Stack
 
 from ..hf_compat import cache_kwargs
 from .backbones import BackboneAdapter, additive_causal_mask, register_adapter
+
+
+# transformers < 5.2x T5 blocks take cache_position (cross-attention reads its query length from it) and use a given
+# position_bias AS the full additive mask; newer ones add the mask themselves and have no cache_position.
+_T5_TAKES_CACHE_POSITION = "cache_position" in inspect.signature(T5Block.forward).parameters
 
 
 def _heads(x: Tensor, head_dim: int) -> Tensor:
@@ -78,10 +84,11 @@ class LlamaAdapter(BackboneAdapter):
 
 
 class T5Inputs(NamedTuple):
-    mask: Tensor  # [B or 1, 1, T, past + T] additive (always materialised: T5's SDPA path never goes is_causal)
-    position_bias: Tensor  # [1, H, T, past + T]
+    mask: Optional[Tensor]  # [B or 1, 1, T, past + T] additive (materialised: T5's SDPA path never goes is_causal)
+    position_bias: Tensor  # [1 or B, H, T, past + T] (the mask added in, for blocks that take cache_position)
     encoder_states: Tensor  # [B, S, D]
     encoder_mask: Optional[Tensor]  # [B, 1, 1, S] additive, or None
+    cache_position: Optional[Tensor]  # [T] slots past.. (blocks that take it), else None
 
 
 class T5DecoderAdapter(BackboneAdapter):
@@ -137,14 +144,19 @@ class T5DecoderAdapter(BackboneAdapter):
         additive = additive_causal_mask(mask, past, length, hidden.dtype, hidden.device)
         if additive is None:  # one query, no padding: attends to every key
             additive = torch.zeros((1, 1, length, past + length), dtype=hidden.dtype, device=hidden.device)
-        bias = self.blocks[0].layer[0].SelfAttention.compute_bias(length, past + length, device=hidden.device,
-                                                                   past_seen_tokens=past)
-        return T5Inputs(additive, bias.to(hidden.dtype), self.encoder_states, self.encoder_mask)
+        slots = torch.arange(past, past + length, device=hidden.device)
+        attention = self.blocks[0].layer[0].SelfAttention  # block 0 holds the decoder's relative bias table
+        if _T5_TAKES_CACHE_POSITION:
+            bias = attention.compute_bias(length, past + length, device=hidden.device, cache_position=slots)
+            return T5Inputs(None, bias.to(hidden.dtype) + additive, self.encoder_states, self.encoder_mask, slots)
+        bias = attention.compute_bias(length, past + length, device=hidden.device, past_seen_tokens=past)
+        return T5Inputs(additive, bias.to(hidden.dtype), self.encoder_states, self.encoder_mask, None)
 
     def block(self, layer: int, hidden: Tensor, cache: Any, inputs: Any) -> tuple[Tensor, Optional[tuple]]:
+        extra = {"cache_position": inputs.cache_position, "use_cache": True} if _T5_TAKES_CACHE_POSITION else {}
         out = self.blocks[layer](hidden, attention_mask=inputs.mask, position_bias=inputs.position_bias,
                                  encoder_hidden_states=inputs.encoder_states,
-                                 encoder_attention_mask=inputs.encoder_mask, **cache_kwargs(cache))
+                                 encoder_attention_mask=inputs.encoder_mask, **cache_kwargs(cache), **extra)
         return out[0], None
 
     def kv(self, layer: int, hidden: Tensor, inputs: Any) -> tuple[Tensor, Tensor]:
