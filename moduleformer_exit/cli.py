@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cuda: also run the GPU kernel rows (Triton experts, stick-breaking, training step)")
     bench.add_argument("--pruning-model", help="pruning: trained ModuleFormer dir (default: train + cache a recipe)")
     bench.add_argument("--pruning-run-dir", help="pruning: run directory, reused when finished")
-    bench.add_argument("--early-exit-model", default="runs/early-exit-8l/final",
-                       help="early-exit section: trained multi-exit ModuleFormer (configs/recipes/early-exit-8l.json)")
+    bench.add_argument("--early-exit-model", default=None,
+                       help="early-exit section: comma-separated trained multi-exit model directories (default: "
+                            "runs/<name>/final of the recipes early-exit-8l, early-exit-8l-layerskip, "
+                            "early-exit-neo-8l)")
     bench.add_argument("--early-exit-plot", help="early-exit section: write the speed/quality PNG here")
     bench.set_defaults(func=run_bench)
     gen = sub.add_parser("generate", help="generate text (original head, one exit with --exit, or ACD with --contrast)")

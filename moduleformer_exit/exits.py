@@ -29,9 +29,15 @@ from .multi_exit_config import ORIGINAL, MultiExitConfiguration, VocabularyProje
 
 HEAD_PREFIX = "name_to_lm_exit_head."
 EXIT_LOSS_WEIGHTINGS = ("sum", "calm")
-# Loss weights stored in the model config (config.json), with their defaults: autocontrastive-gen's loss (the sum of
-# the exits' CEs, the original head excluded) unless a recipe asks for the joint pretraining loss.
-LOSS_CONFIG_DEFAULTS = {"lm_loss_weight": 0.0, "exit_loss_weight": 1.0, "exit_loss_weighting": "sum"}
+EXIT_LOSSES = ("ce", "shallow_deep", "layerskip")
+# Loss settings stored in the model config (config.json), with their defaults: autocontrastive-gen's loss (the sum of
+# the exits' CEs, the original head excluded) unless a recipe asks for the joint pretraining loss. ``exit_loss``
+# picks the formula (see MultiExitMixin.combine_losses); the other keys parametrise FREE's shallow-deep loss
+# (``shallow_exit``, ``kd_alpha``), LayerSkip's early-exit loss (``exit_loss_scale``, ``exit_loss_e_scale``) and
+# LayerSkip's layer dropout (``layer_dropout`` = p_max, ``layer_dropout_scale``; training mode only, any loss).
+LOSS_CONFIG_DEFAULTS = {"lm_loss_weight": 0.0, "exit_loss_weight": 1.0, "exit_loss_weighting": "sum",
+                        "exit_loss": "ce", "shallow_exit": None, "kd_alpha": 0.5, "exit_loss_scale": "sum_l",
+                        "exit_loss_e_scale": 1.0, "layer_dropout": 0.0, "layer_dropout_scale": "exp"}
 
 
 @dataclass
@@ -68,7 +74,7 @@ class MultiExitMixin:
                 setattr(config, name, default)
         if exit_loss_weighting is not None:
             config.exit_loss_weighting = exit_loss_weighting
-        _validate_loss_config(config)
+        _validate_loss_config(config, self.exit_layer_count(config))
         super().__init__(config, *args, **kwargs)
         # transformers picks the loss from the class-name suffix ("...ForCausalLM"); ours are causal LMs too
         self.loss_type = "ForCausalLM"
@@ -96,6 +102,19 @@ class MultiExitMixin:
         self.post_init()
         self._check_requested_layers(multi_exit_config)
         self.apply_freeze()
+        self._layer_dropout_hooks = self._enable_layer_dropout()
+
+    def _enable_layer_dropout(self) -> list:
+        """LayerSkip's per-sample layer dropout on the backbone's blocks (``config.layer_dropout`` > 0; acts in
+        training mode only). Returns the hook handles."""
+        if not self.config.layer_dropout:
+            return []
+        from .early_exit.losses import enable_layer_dropout, layer_dropout_rates
+
+        rates = layer_dropout_rates(self.num_exit_layers, float(self.config.layer_dropout),
+                                    self.config.layer_dropout_scale)
+        blocks = next(getattr(self.backbone, name) for name in ("h", "layers", "block") if hasattr(self.backbone, name))
+        return enable_layer_dropout(blocks, rates)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _init_weights(self, module: nn.Module) -> None:
@@ -127,7 +146,7 @@ class MultiExitMixin:
     @exit_loss_weighting.setter
     def exit_loss_weighting(self, value: str) -> None:
         self.config.exit_loss_weighting = value
-        _validate_loss_config(self.config)
+        _validate_loss_config(self.config, self.num_exit_layers)
 
     def _check_requested_layers(self, multi_exit_config: MultiExitConfiguration) -> None:
         num_layers = self.num_exit_layers
@@ -268,17 +287,45 @@ class MultiExitMixin:
         return self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
 
     def combine_losses(self, lm_loss: Tensor, exit_losses: dict[int, Tensor],
-                       aux_loss: Optional[Tensor] = None) -> Tensor:
-        """The training loss, with weights from the model config::
+                       aux_loss: Optional[Tensor] = None, hidden_states: Optional[tuple[Tensor, ...]] = None,
+                       labels: Optional[Tensor] = None) -> Tensor:
+        """The training loss, with the formula ``config.exit_loss`` names and weights from the model config.
+
+        ``"ce"`` (default)::
 
             loss = lm_loss_weight * lm_loss + exit_loss_weight * sum_k c_k * exit_losses[k] + aux_loss_weight * aux
 
         ``c_k = 1`` (``exit_loss_weighting="sum"``, autocontrastive-gen's loss with the defaults ``lm_loss_weight=0``,
         ``exit_loss_weight=1``) or CALM's ``c_k = k / sum_j j`` (``"calm"``). A model without exits trains its
-        original head (``lm_loss``). ``aux_loss_weight`` is the ModuleFormer config's (0 for GPT-2 / GPT-Neo).
+        original head (``lm_loss``).
+
+        ``"shallow_deep"`` (FREE): ``(S * CE_S + L * lm_loss) / (S + L) + kd_alpha * KD + aux_loss_weight * aux``
+        with S = ``shallow_exit`` and KD FREE's dynamic hidden-state distillation (needs ``hidden_states`` [L + 1
+        states] and ``labels``; see :func:`~moduleformer_exit.early_exit.losses.shallow_deep_loss`).
+
+        ``"layerskip"``: ``sum_l w_l * CE_l + aux_loss_weight * aux`` over the exits and the original head (layer L),
+        ``w`` = LayerSkip's ``exit_loss_scale`` weights with ``exit_loss_e_scale`` on the non-final layers,
+        normalised to sum 1 (:func:`~moduleformer_exit.early_exit.losses.early_exit_loss_weights`).
+
+        ``aux_loss_weight`` is the ModuleFormer config's (0 for GPT-2 / GPT-Neo).
         """
         cfg = self.config
-        if not exit_losses:
+        kind = getattr(cfg, "exit_loss", "ce")
+        num_layers = self.num_exit_layers
+        exit_losses = {k: v for k, v in exit_losses.items() if k != num_layers or kind == "ce"}
+        if kind == "shallow_deep":
+            from .early_exit.losses import shallow_deep_loss
+
+            if hidden_states is None or labels is None:
+                raise ValueError("exit_loss='shallow_deep' needs the hidden states and labels (pass labels to the "
+                                 "forward).")
+            loss = shallow_deep_loss(self, hidden_states, labels, int(cfg.shallow_exit), float(cfg.kd_alpha),
+                                     ce_shallow=exit_losses.get(int(cfg.shallow_exit)), ce_deep=lm_loss)["loss"]
+        elif kind == "layerskip":
+            from .early_exit.losses import layerskip_loss
+
+            loss = layerskip_loss(exit_losses, lm_loss, num_layers, cfg.exit_loss_scale, float(cfg.exit_loss_e_scale))
+        elif not exit_losses:
             loss = lm_loss
         else:
             layers = sorted(exit_losses)
@@ -291,6 +338,34 @@ class MultiExitMixin:
         if aux_loss is not None and aux_weight > 0:
             loss = loss + aux_weight * aux_loss
         return loss
+
+    # kwargs generate(early_exit=...) passes on to generate_early_exit (anything else is refused, not ignored)
+    EARLY_EXIT_GENERATE_KWARGS = frozenset({"attention_mask", "max_new_tokens", "eos_token_id", "pad_token_id",
+                                            "generator", "calibrator", "return_dict_in_generate"})
+
+    def generate(self, inputs: Optional[Tensor] = None, *args: Any, early_exit=None, **kwargs: Any):
+        """transformers' ``generate``, or with ``early_exit=EarlyExitConfig(...)`` early-exit decoding
+        (:func:`~moduleformer_exit.early_exit.generate_early_exit`): ``inputs`` / ``input_ids`` ``[B, P]``,
+        ``attention_mask``, ``max_new_tokens`` (default: the generation config's, else 20), ``eos_token_id``,
+        ``pad_token_id``, ``generator``, ``calibrator``; returns the sequences ``[B, P + N]`` (the
+        ``EarlyExitOutput`` with ``return_dict_in_generate=True``).
+
+        :raises TypeError: another generation argument with ``early_exit`` (it would be ignored)."""
+        if early_exit is None:
+            return super().generate(inputs, *args, **kwargs)
+        from .early_exit import generate_early_exit
+
+        input_ids = kwargs.pop("input_ids", inputs)
+        unknown = sorted(set(kwargs) - self.EARLY_EXIT_GENERATE_KWARGS)
+        if args or unknown or input_ids is None:
+            raise TypeError(f"generate(early_exit=...) takes input_ids and {sorted(self.EARLY_EXIT_GENERATE_KWARGS)}"
+                            f"; got {'positional arguments, ' if args else ''}{unknown or 'no input_ids'}. The method "
+                            f"and its options (sampling, gamma, thresholds) go into the EarlyExitConfig.")
+        as_dict = kwargs.pop("return_dict_in_generate", False)
+        if kwargs.get("max_new_tokens") is None:
+            kwargs["max_new_tokens"] = getattr(self.generation_config, "max_new_tokens", None) or 20
+        out = generate_early_exit(self, input_ids, early_exit, **kwargs)
+        return out if as_dict else out.sequences
 
     def _backbone_extra_kwargs(self, labels: Optional[Tensor]) -> dict[str, Any]:
         """Backbone-specific forward arguments (ModuleFormer: when to compute the router aux loss)."""
@@ -344,7 +419,7 @@ class MultiExitMixin:
         if labels is not None:
             lm_loss = self.token_loss(self.exit_logits(hidden_states, ORIGINAL), labels, num_items_in_batch)
             exit_losses = self.exit_losses(hidden_states, labels, num_items_in_batch)
-            loss = self.combine_losses(lm_loss, exit_losses, aux_loss)
+            loss = self.combine_losses(lm_loss, exit_losses, aux_loss, hidden_states, labels)
         return MultiExitCausalLMOutput(
             loss=loss,
             lm_loss=lm_loss,
@@ -358,12 +433,32 @@ class MultiExitMixin:
         )
 
 
-def _validate_loss_config(config) -> None:
-    """Raise ValueError naming the field if the loss weights in ``config`` are unusable."""
+def _validate_loss_config(config, num_layers: Optional[int] = None) -> None:
+    """Raise ValueError naming the field if the loss settings in ``config`` are unusable."""
     if config.exit_loss_weighting not in EXIT_LOSS_WEIGHTINGS:
         raise ValueError(f"exit_loss_weighting must be one of {EXIT_LOSS_WEIGHTINGS}, got "
                          f"{config.exit_loss_weighting!r}.")
-    for name in ("lm_loss_weight", "exit_loss_weight"):
+    for name in ("lm_loss_weight", "exit_loss_weight", "kd_alpha", "exit_loss_e_scale"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"{name} must be a number >= 0 (a loss weight), got {value!r}.")
+    if config.exit_loss not in EXIT_LOSSES:
+        raise ValueError(f"exit_loss must be one of {EXIT_LOSSES}, got {config.exit_loss!r}.")
+    from .early_exit.losses import EXIT_SCALES, LAYER_DROPOUT_SCALES
+
+    if config.exit_loss_scale not in EXIT_SCALES:
+        raise ValueError(f"exit_loss_scale must be one of {EXIT_SCALES}, got {config.exit_loss_scale!r}.")
+    if config.layer_dropout_scale not in LAYER_DROPOUT_SCALES:
+        raise ValueError(f"layer_dropout_scale must be one of {LAYER_DROPOUT_SCALES}, got "
+                         f"{config.layer_dropout_scale!r}.")
+    p = config.layer_dropout
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"layer_dropout (LayerSkip's p_max) must be in [0, 1], got {p!r}.")
+    if config.exit_loss == "shallow_deep":
+        layers = getattr(config, "lm_head_layer_indices", None) or []
+        num_layers = config.num_hidden_layers if num_layers is None else num_layers  # T5: the decoder's layers
+        shallow = config.shallow_exit
+        if not isinstance(shallow, int) or isinstance(shallow, bool) or not 1 <= shallow < num_layers \
+                or shallow not in layers:
+            raise ValueError(f"exit_loss='shallow_deep' needs shallow_exit = one of the exit layers below "
+                             f"{num_layers} (exits: {layers}), got {shallow!r}.")

@@ -112,7 +112,7 @@ class MultiExitT5(MultiExitMixin, T5ForConditionalGeneration):
         if labels is not None:
             lm_loss = self.token_loss(self.exit_logits(hidden_states, ORIGINAL), labels, num_items_in_batch)
             exit_losses = self.exit_losses(hidden_states, labels, num_items_in_batch)
-            loss = self.combine_losses(lm_loss, exit_losses)
+            loss = self.combine_losses(lm_loss, exit_losses, hidden_states=hidden_states, labels=labels)
         return MultiExitSeq2SeqLMOutput(
             loss=loss, lm_loss=lm_loss, exit_losses=exit_losses, logits=logits,
             decoder_hidden_states=hidden_states if output_hidden_states else None,

@@ -417,3 +417,18 @@ def test_bad_input_gets_clear_errors():
         run(gpt2, x + 100, EarlyExitConfig("static", exit_layer=1), 4)
     with pytest.raises(ValueError, match="eval"):
         run(model.train(), x, EarlyExitConfig("full"), 4)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_generate_entry_point_with_early_exit(backbone):
+    model = make(backbone, seed=5, scale=0.3)
+    x, mask = padded_batch()
+    ref = hf_greedy(model, x, 12, mask)
+    cfg = EarlyExitConfig("self_speculative", exit_layer=2, gamma=3)
+    out = model.generate(x, attention_mask=mask, early_exit=cfg, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(out, ref)
+    full = model.generate(input_ids=x, attention_mask=mask, early_exit=EarlyExitConfig("full"), max_new_tokens=12,
+                          eos_token_id=[], pad_token_id=0, return_dict_in_generate=True)
+    assert torch.equal(full.sequences, ref) and full.stats["new_tokens"] == 12
+    with pytest.raises(TypeError, match="num_beams"):
+        model.generate(x, early_exit=cfg, num_beams=2)

@@ -341,3 +341,24 @@ def test_calm_t5_cache_equals_cache_free_forward_with_propagated_states():
     stack = LayerStack(model)
     for i, e in enumerate(out.exit_layers[0].tolist()):
         assert int(stack.logits(states[e][:, i: i + 1], e).argmax()) == int(out.sequences[0, 1 + i])
+
+
+def test_t5_model_owned_shallow_deep_loss_and_generate_early_exit():
+    """FREE's setting end to end: a T5 whose config asks for the shallow-deep loss returns it from its forward, and
+    generate(early_exit=...) decodes with the encoder run once (= the function API)."""
+    from moduleformer_exit.early_exit.losses import shallow_deep_loss
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=L, num_heads=2,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=2, exit_loss="shallow_deep",
+                      shallow_exit=1, kd_alpha=0.5)
+    model = AutoMultiExitModel.from_config(config, MEC(lm_head_layer_indices=(1,))).eval()
+    x, mask = inputs("t5")
+    labels = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(9))
+    out = model(input_ids=x, attention_mask=mask, labels=labels, output_hidden_states=True)
+    expected = shallow_deep_loss(model, out.decoder_hidden_states, labels, shallow=1, alpha=0.5)["loss"]
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    cfg = EarlyExitConfig("free", exit_layer=1, threshold=0.5)
+    tokens = model.generate(x, attention_mask=mask, early_exit=cfg, max_new_tokens=6, eos_token_id=[],
+                            pad_token_id=0)
+    assert torch.equal(tokens, run(model, x, cfg, 6, mask).sequences)

@@ -6,8 +6,11 @@ Launch::
     deepspeed [--hostfile H] --module moduleformer_exit.training.pretrain RECIPE   # multi-node via a hostfile
     moduleformer-exit pretrain RECIPE          # single process without a launcher (RANK/WORLD_SIZE/... defaulted)
 
-The model owns its loss (``MultiExitModuleFormer`` with ``lm_loss_weight=1``, ``exit_loss_weight=exits.loss_weight``):
-``CE(original head) + exits.loss_weight * sum_k CE(exit k) + aux_loss_weight * router aux``.
+The model owns its loss (a multi-exit model whose config carries the recipe's ``exits`` loss settings, see
+``MultiExitMixin.combine_losses``): by default (``exits.loss = "ce"``) ``CE(original head) + exits.loss_weight *
+sum_k c_k CE(exit k) + aux_loss_weight * router aux``; ``"shallow_deep"`` is FREE's loss, ``"layerskip"`` LayerSkip's
+(optionally with ``exits.layer_dropout``). ``model.model_type`` picks ModuleFormer (default), GPT-2 or GPT-Neo;
+``training.init_from`` continues from a multi-exit checkpoint.
 
 Output directory: ``recipe.json``, ``log.jsonl`` (one JSON object per logged step / eval), ``tensorboard/`` (if
 installed), ``tokenizer/``, ``checkpoints/step_<N>/`` + ``checkpoints/latest`` (see ``checkpoint.py``: crash-safe,
@@ -33,27 +36,40 @@ from torch import nn
 from . import checkpoint as ckpt
 from .distributed import RendezvousError, init_deepspeed_distributed, offline_by_default, shutdown_distributed
 from .logging_utils import JsonlLogger
-from .recipe import RecipeError, load_recipe, model_config_kwargs
+from .recipe import RecipeError, exit_loss_settings, load_recipe, model_config_class, model_config_kwargs
 from .run_dir import (RunMismatchError, check_resume, read_run_info, recover_dir, run_info, save_tokenizer_atomically,
                       write_json_atomically)
 
 
 # ----------------------------------------------------------------------------------------------- model + optimizer
 def build_model(recipe: dict, vocab_size: int, seed: int, tokenizer=None):
-    """A ``MultiExitModuleFormer`` whose loss is the recipe's joint loss (original head + weighted exits + aux)."""
-    from moduleformer_exit import ModuleFormerConfig, MultiExitConfiguration, MultiExitModuleFormer
+    """A multi-exit model (ModuleFormer, GPT-2 or GPT-Neo; or ``training.init_from``'s checkpoint) whose own loss is
+    the recipe's: ``exits.loss`` and its settings go into the model config (``combine_losses``)."""
+    from moduleformer_exit import MultiExitConfiguration
+    from moduleformer_exit.multi_exit_models import AutoMultiExitModel
 
     torch.manual_seed(seed)
+    layers = recipe["exits"]["layers"]
+    multi_exit_config = MultiExitConfiguration(lm_head_layer_indices=tuple(layers) if layers else None)
+    init_from = recipe["training"]["init_from"]
+    if init_from is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(init_from)
+        if config.vocab_size != vocab_size:
+            raise RecipeError(f"training.init_from's model has {config.vocab_size} tokens, the tokenizer {vocab_size}:"
+                              f" set data.tokenizer to the checkpoint's tokenizer.")
+        for key, value in exit_loss_settings(recipe).items():
+            setattr(config, key, value)
+        return AutoMultiExitModel.from_pretrained(init_from, config=config, multi_exit_config=multi_exit_config)
     kwargs = model_config_kwargs(recipe, vocab_size)
     if tokenizer is not None:
         kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
-    config = ModuleFormerConfig(**kwargs)
-    config.lm_loss_weight = 1.0
-    config.exit_loss_weight = float(recipe["exits"]["loss_weight"])
-    layers = recipe["exits"]["layers"]
-    return MultiExitModuleFormer(config, multi_exit_config=MultiExitConfiguration(
-        lm_head_layer_indices=tuple(layers) if layers else None))
+    config = model_config_class(recipe["model"].get("model_type", "moduleformer"))(**kwargs)
+    for key, value in exit_loss_settings(recipe).items():
+        setattr(config, key, value)
+    return AutoMultiExitModel.from_config(config, multi_exit_config)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

@@ -4,7 +4,12 @@ A recipe has five sections; every key is optional except ``model`` (defaults bel
 
     {"name": "...",
      "model":     {ModuleFormerConfig fields; "vocab_size": "tokenizer" takes the tokenizer's size},
-     "exits":     {"layers": [2, 4], "loss_weight": 1.0},              # joint exit loss (empty: none)
+     "model":     {..., "model_type": "moduleformer" | "gpt2" | "gpt_neo" (then GPT2Config / GPTNeoConfig fields)},
+     "exits":     {"layers": [2, 4], "loss_weight": 1.0,               # joint exit loss (empty: none)
+                   "loss": "ce" | "shallow_deep" | "layerskip", "weighting": "sum" | "calm",   # ce: the weighting
+                   "shallow_exit": null, "kd_alpha": 0.5,              # shallow_deep (FREE): S, KD weight
+                   "scale": "sum_l", "e_scale": 1.0,                   # layerskip: exit scale, non-final factor
+                   "layer_dropout": 0.0, "layer_dropout_scale": "exp"},  # LayerSkip layer dropout (any loss)
      "data":      {"files": ["bundled:austen"], "format": "text", "sample_by": "paragraph", "text_field": "text",
                    "streaming": false, "block_size": 128, "heldout_fraction": 0.05, "seed": 1234,
                    "tokenizer": null | "path", "vocab_size": 2048, "max_train_blocks": null,
@@ -12,7 +17,8 @@ A recipe has five sections; every key is optional except ``model`` (defaults bel
      "training":  {"max_steps": 200, "lr": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 20, "weight_decay": 0.1,
                    "betas": [0.9, 0.95], "eps": 1e-8, "optimizer": "client" | "config", "seed": 0,
                    "log_interval": 10, "eval_interval": 100, "save_interval": 100, "keep_checkpoints": 2,
-                   "eval_batch_size": 16, "flush_denormal": true},
+                   "eval_batch_size": 16, "flush_denormal": true,
+                   "init_from": null | "path/to/final"},     # start from a multi-exit checkpoint (model: {})
      "deepspeed": {DeepSpeed config: "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                    "gradient_clipping", "zero_optimization": {"stage": 0-3}, "bf16": {"enabled": bool}}}
 """
@@ -28,13 +34,15 @@ from typing import Any, Optional, Sequence
 DEFAULTS: dict[str, Any] = {
     "name": "run",
     "model": {},
-    "exits": {"layers": [], "loss_weight": 1.0},
+    "exits": {"layers": [], "loss_weight": 1.0, "loss": "ce", "weighting": "sum", "shallow_exit": None,
+              "kd_alpha": 0.5, "scale": "sum_l", "e_scale": 1.0, "layer_dropout": 0.0, "layer_dropout_scale": "exp"},
     "data": {"files": ["bundled:austen"], "format": "text", "sample_by": "paragraph", "text_field": "text",
              "streaming": False, "block_size": 128, "heldout_fraction": 0.05, "seed": 1234, "tokenizer": None,
              "vocab_size": 2048, "max_train_blocks": None, "max_heldout_blocks": 64, "num_proc": None},
     "training": {"max_steps": 200, "lr": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 20, "weight_decay": 0.1,
                  "betas": [0.9, 0.95], "eps": 1e-8, "optimizer": "client", "seed": 0, "log_interval": 10,
-                 "eval_interval": 100, "save_interval": 100, "keep_checkpoints": 2, "eval_batch_size": 16, "flush_denormal": True},
+                 "eval_interval": 100, "save_interval": 100, "keep_checkpoints": 2, "eval_batch_size": 16, "flush_denormal": True,
+                 "init_from": None},
     "deepspeed": {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
                   "zero_optimization": {"stage": 0}, "bf16": {"enabled": False}},
 }
@@ -232,42 +240,97 @@ def validate_recipe(recipe: dict) -> None:
 
     # model (+ exits): build the config to let it validate itself
     model = recipe["model"]
-    if not isinstance(model, dict):
+    init_from = t.get("init_from")
+    cfg = None
+    if init_from is not None:
+        need(isinstance(init_from, str) and os.path.isfile(os.path.join(init_from, "config.json")),
+             f"training.init_from must be a save_pretrained model directory (with config.json), got {init_from!r}")
+        need(model == {}, "with training.init_from the checkpoint defines the model: leave model empty ({})")
+        need(d["tokenizer"] is not None, "with training.init_from set data.tokenizer to the checkpoint's tokenizer "
+                                         "directory (its ids must match the model's embedding)")
+        if isinstance(init_from, str) and os.path.isfile(os.path.join(init_from, "config.json")):
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(init_from)
+    elif not isinstance(model, dict):
         errors.append("model must be an object of ModuleFormerConfig fields")
     else:
-        from moduleformer_exit import ModuleFormerConfig
-
-        kwargs = dict(model)
-        if kwargs.get("vocab_size", "tokenizer") == "tokenizer":
-            kwargs["vocab_size"] = d["vocab_size"] if _is_int(d["vocab_size"]) else 2048
+        config_class = model_config_class(model.get("model_type", "moduleformer"))
+        kwargs = model_config_kwargs(recipe, d["vocab_size"] if _is_int(d["vocab_size"]) else 2048)
         for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):  # the tokenizer's ids
             kwargs.setdefault(key, value)
-        try:
-            cfg = ModuleFormerConfig(**kwargs)
-        except (ValueError, TypeError) as e:
-            errors.append(f"model: {e}")
-            cfg = None
-        if cfg is not None:
-            known = set(ModuleFormerConfig().to_dict())
-            for key in model:
-                if key not in known and key not in ("vocab_size",):
-                    errors.append(f"unknown model field {key!r} (not a ModuleFormerConfig field)")
-            layers = ex.get("layers", [])
-            need(isinstance(layers, list) and all(_is_int(k) for k in layers),
-                 f"exits.layers must be a list of layer numbers, got {layers!r}")
-            if isinstance(layers, list) and all(_is_int(k) for k in layers):
-                bad = [k for k in layers if not 1 <= k <= cfg.n_layer]
-                need(not bad, f"exits.layers {bad} out of range: the model has {cfg.n_layer} layers, exits are "
-                              f"1..{cfg.n_layer}")
-                need(len(set(layers)) == len(layers), f"exits.layers has duplicates: {layers}")
-            need(_is_num(ex.get("loss_weight")) and ex.get("loss_weight") >= 0,
-                 f"exits.loss_weight must be >= 0, got {ex.get('loss_weight')!r}")
+        if config_class is None:
+            errors.append(f"model.model_type must be one of {sorted(MODEL_TYPES)}, got {model.get('model_type')!r}")
+        else:
+            try:
+                cfg = config_class(**kwargs)
+            except (ValueError, TypeError) as e:
+                errors.append(f"model: {e}")
+            if cfg is not None:
+                known = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
+                for key in model:
+                    if key not in known and key not in ("vocab_size", "model_type"):
+                        errors.append(f"unknown model field {key!r} (not a {config_class.__name__} field)")
+    if cfg is not None:
+        num_layers = cfg.num_hidden_layers
+        layers = ex.get("layers", [])
+        need(isinstance(layers, list) and all(_is_int(k) for k in layers),
+             f"exits.layers must be a list of layer numbers, got {layers!r}")
+        if isinstance(layers, list) and all(_is_int(k) for k in layers):
+            bad = [k for k in layers if not 1 <= k <= num_layers]
+            need(not bad, f"exits.layers {bad} out of range: the model has {num_layers} layers, exits are "
+                          f"1..{num_layers}")
+            need(len(set(layers)) == len(layers), f"exits.layers has duplicates: {layers}")
+            from types import SimpleNamespace
+
+            from moduleformer_exit.exits import _validate_loss_config
+
+            try:
+                _validate_loss_config(SimpleNamespace(num_hidden_layers=num_layers, lm_head_layer_indices=layers,
+                                                      **exit_loss_settings(recipe)))
+            except ValueError as e:
+                errors.append(f"exits: {e} (recipe keys: exits.loss, weighting, shallow_exit, kd_alpha, scale, "
+                              f"e_scale, layer_dropout, layer_dropout_scale)")
+        need(_is_num(ex.get("loss_weight")) and ex.get("loss_weight") >= 0,
+             f"exits.loss_weight must be >= 0, got {ex.get('loss_weight')!r}")
     if errors:
         raise RecipeError("Invalid recipe:\n  - " + "\n  - ".join(errors))
 
 
+MODEL_TYPES = ("moduleformer", "gpt2", "gpt_neo")
+
+
+def model_config_class(model_type: str):
+    """The config class of a recipe's ``model.model_type`` (None if unknown)."""
+    if model_type == "moduleformer":
+        from moduleformer_exit import ModuleFormerConfig
+
+        return ModuleFormerConfig
+    if model_type == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config
+    if model_type == "gpt_neo":
+        from transformers import GPTNeoConfig
+
+        return GPTNeoConfig
+    return None
+
+
+def exit_loss_settings(recipe: dict) -> dict:
+    """The model-config loss fields (see ``moduleformer_exit.exits.LOSS_CONFIG_DEFAULTS``) of ``recipe["exits"]``,
+    with the pretraining defaults ``lm_loss_weight = 1``, ``exit_loss_weight = exits.loss_weight``."""
+    ex = recipe["exits"]
+    return {"lm_loss_weight": 1.0, "exit_loss_weight": float(ex["loss_weight"]) if _is_num(ex["loss_weight"])
+            else ex["loss_weight"], "exit_loss_weighting": ex["weighting"], "exit_loss": ex["loss"],
+            "shallow_exit": ex["shallow_exit"], "kd_alpha": ex["kd_alpha"], "exit_loss_scale": ex["scale"],
+            "exit_loss_e_scale": ex["e_scale"], "layer_dropout": ex["layer_dropout"],
+            "layer_dropout_scale": ex["layer_dropout_scale"]}
+
+
 def model_config_kwargs(recipe: dict, vocab_size: Optional[int] = None) -> dict:
-    kwargs = dict(recipe["model"])
+    """The model config's keyword arguments (``model_type`` removed, the tokenizer's vocabulary size filled in)."""
+    kwargs = {k: v for k, v in recipe["model"].items() if k != "model_type"}
     if kwargs.get("vocab_size", "tokenizer") == "tokenizer":
         kwargs["vocab_size"] = vocab_size if vocab_size is not None else recipe["data"]["vocab_size"]
     return kwargs

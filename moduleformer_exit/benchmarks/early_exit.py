@@ -1,7 +1,8 @@
 """``bench --only early-exit``: early-exit decoding (static, CALM, FREE, self-speculative) against the own
-full-depth greedy loop on a trained multi-exit ModuleFormer: decode tokens/s, agreement with full greedy, held-out
+full-depth greedy loop on trained multi-exit models (by default the recipes' 8-layer ModuleFormer, its LayerSkip
+continuation and the 8-layer GPT-Neo, cached under ``runs/``): decode tokens/s, agreement with full greedy,
 perplexity of the produced text under the full model, layers per token, acceptance, distinct experts per verify; the
-T-token forward latency on a 512-token cache; a speed/quality PNG."""
+T-token forward latency on a 512-token cache; a speed/quality PNG (one panel per model)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,10 @@ import torch
 from ..early_exit import BetaMixtureThreshold, EarlyExitConfig, LayerStack, generate_early_exit
 from .timing import time_calls
 
-DEFAULT_MODEL = os.path.join("runs", "early-exit-8l", "final")
+# model directory -> the recipe that trains it (``moduleformer-exit pretrain RECIPE --output-dir runs/<name>``)
+DEFAULT_MODELS = {os.path.join("runs", name, "final"): f"configs/recipes/{name}.json"
+                  for name in ("early-exit-8l", "early-exit-8l-layerskip", "early-exit-neo-8l")}
+DEFAULT_MODEL = ",".join(DEFAULT_MODELS)
 
 
 def _methods(num_layers: int) -> list[tuple[str, EarlyExitConfig]]:
@@ -84,7 +88,7 @@ def forward_latency(model, context: int = 512, max_new: int = 9, repeats: int = 
 
 
 def bench_early_exit(model, tokenizer, prompts: int = 4, prompt_len: int = 32, new_tokens: int = 48,
-                     plot: Optional[str] = None, latency_context: int = 512, repeats: int = 2) -> dict:
+                     latency_context: int = 512, repeats: int = 2) -> dict:
     """One run: every method of :func:`_methods` on the same prompts (batch 1, greedy, no EOS stop), side by side.
 
     Returns ``{"methods": rows, "latency": rows}``; a row has ``method``, ``tokens_per_s``, ``speedup`` (vs the own
@@ -136,79 +140,102 @@ def bench_early_exit(model, tokenizer, prompts: int = 4, prompt_len: int = 32, n
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / base
     latency = forward_latency(model, context=latency_context)
-    if plot:
-        _plot(rows, plot)
     return {"methods": rows, "latency": latency}
 
 
-def _plot(rows: list[dict], path: str) -> None:
-    """Speed-up vs agreement with full greedy, one marker family per method, labelled by setting."""
+def _plot(results: list[dict], path: str) -> None:
+    """Speed-up vs agreement with full greedy, one panel per model, one marker family per method, labelled by
+    setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    families = {}
-    for row in rows:
-        families.setdefault(row["method"].split()[0], []).append(row)
-    for family, members in families.items():
-        ax.plot([m["agreement"] for m in members], [m["speedup"] for m in members], "o-", label=family)
-        for m in members:
-            ax.annotate(m["method"].split(" ", 1)[-1], (m["agreement"], m["speedup"]), fontsize=7)
-    ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("token agreement with full greedy")
-    ax.set_ylabel("decode tokens/s vs full-depth loop")
-    ax.set_title("Early exit on the 8-layer ModuleFormer (CPU, batch 1)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        families = {}
+        for row in result["methods"]:
+            families.setdefault(row["method"].split()[0], []).append(row)
+        for family, members in families.items():
+            ax.plot([m["agreement"] for m in members], [m["speedup"] for m in members], "o-", label=family)
+            for m in members:
+                ax.annotate(m["method"].split(" ", 1)[-1], (m["agreement"], m["speedup"]), fontsize=7)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xlabel("token agreement with full greedy")
+        ax.set_ylabel("decode tokens/s vs full-depth loop")
+        ax.set_title(f"{result['model']} (CPU, batch 1)", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run_early_exit_bench(args, table=None) -> dict:
-    """The bench section: load ``args.early_exit_model`` (or a random tiny model with ``args.quick``) and run;
-    prints the tables with ``table(title, columns, rows)`` when given (see :func:`render_early_exit`)."""
+def _quick_models() -> list[tuple[str, object, object]]:
+    """Random tiny multi-exit models (4 layers, exits 1..3): a ModuleFormer and a GPT-Neo with a local layer."""
+    from transformers import GPTNeoConfig
+
+    from ..configuration import ModuleFormerConfig, bundled_config_path
+    from ..multi_exit_config import MultiExitConfiguration
+    from ..multi_exit_models import AutoMultiExitModel
+
+    config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
+    config.n_layer = 4
+    neo = GPTNeoConfig(vocab_size=config.vocab_size, hidden_size=64, num_layers=4, num_heads=2,
+                       attention_types=[[["global", "local"], 2]], window_size=8, max_position_embeddings=64)
+
+    class _Ids:  # no tokenizer needed: byte ids folded into the vocabulary
+        def __call__(self, text, return_tensors=None):
+            ids = torch.tensor([[b % (config.vocab_size - 3) + 3 for b in text.encode()]])
+            return type("Enc", (), {"input_ids": ids})()
+
+    models = []
+    for name, cfg in (("random tiny ModuleFormer", config), ("random tiny GPT-Neo", neo)):
+        torch.manual_seed(0)
+        models.append((name, AutoMultiExitModel.from_config(cfg, MultiExitConfiguration(
+            lm_head_layer_indices=tuple(range(1, 4)))).eval(), _Ids()))
+    return models
+
+
+def run_early_exit_bench(args, table=None) -> list[dict]:
+    """The bench section: every model of ``args.early_exit_model`` (comma-separated directories; or random tiny
+    models with ``args.quick``), one result per model; prints the tables with ``table(title, columns, rows)`` when
+    given (see :func:`render_early_exit`) and writes ``args.early_exit_plot``."""
     from transformers import AutoTokenizer
 
     from ..multi_exit_models import AutoMultiExitModel
 
+    results = []
     if args.quick:
-        from ..configuration import ModuleFormerConfig, bundled_config_path
-        from ..multi_exit_config import MultiExitConfiguration
-
-        config = ModuleFormerConfig.from_json_file(bundled_config_path("moduleformer-tiny"))
-        config.n_layer = 4
-        torch.manual_seed(0)
-        model = AutoMultiExitModel.from_config(config, MultiExitConfiguration(
-            lm_head_layer_indices=tuple(range(1, 4)))).eval()
-
-        class _Ids:  # no tokenizer needed: byte ids folded into the vocabulary
-            def __call__(self, text, return_tensors=None):
-                ids = torch.tensor([[b % (config.vocab_size - 3) + 3 for b in text.encode()]])
-                return type("Enc", (), {"input_ids": ids})()
-
-        result = bench_early_exit(model, _Ids(), prompts=1, prompt_len=8, new_tokens=6, plot=args.early_exit_plot,
-                                  latency_context=16)
+        for name, model, ids in _quick_models():
+            result = bench_early_exit(model, ids, prompts=1, prompt_len=8, new_tokens=6, latency_context=16)
+            results.append({"model": name, **result})
     else:
-        path = args.early_exit_model
-        if not os.path.isdir(path):
-            raise SystemExit(f"bench early-exit needs a trained multi-exit model at {path}: train one with "
-                             f"`moduleformer-exit pretrain configs/recipes/early-exit-8l.json --output-dir "
-                             f"runs/early-exit-8l` (or pass --early-exit-model DIR).")
-        model = AutoMultiExitModel.from_pretrained(path).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        result = bench_early_exit(model, tokenizer, plot=args.early_exit_plot)
+        paths = [p for p in str(args.early_exit_model).split(",") if p]
+        missing = [p for p in paths if not os.path.isdir(p)]
+        if missing:
+            hints = "; ".join(f"`moduleformer-exit pretrain {DEFAULT_MODELS[p]} --output-dir {os.path.dirname(p)}`"
+                              for p in missing if p in DEFAULT_MODELS)
+            raise SystemExit(f"bench early-exit needs trained multi-exit models at {', '.join(missing)}"
+                             f"{': train them with ' + hints if hints else ''} (or pass --early-exit-model DIR,...).")
+        for path in paths:
+            model = AutoMultiExitModel.from_pretrained(path).eval()
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            results.append({"model": f"{path} ({type(model).__name__})",
+                            **bench_early_exit(model, tokenizer)})
+    if args.early_exit_plot:
+        _plot(results, args.early_exit_plot)
     if table is not None:
-        render_early_exit(result, table)
-    return result
+        render_early_exit(results, table)
+    return results
 
 
-def render_early_exit(result: dict, table) -> None:
-    """Print the section's two tables (methods; forward latency vs new tokens)."""
-    table("Early-exit decoding vs the own full-depth greedy loop (batch 1, greedy; speedup = tokens/s ratio)",
-          [("method", ""), ("tokens_per_s", ".1f"), ("speedup", ".2f"), ("agreement", ".1%"), ("exact", ".0%"),
-           ("ppl", ".1f"), ("layers_per_token", ".2f"), ("mean_exit_layer", ".2f"), ("acceptance_rate", ".1%"),
-           ("distinct_experts_per_verify", ".1f")], result["methods"])
-    table("Full-depth forward of T new tokens on a cache (ms; distinct experts per block)",
-          [("T", "d"), ("ms", ".2f"), ("vs_T1", ".2f"), ("distinct_experts", ".1f")], result["latency"])
+def render_early_exit(results: list[dict], table) -> None:
+    """Print the section's two tables per model (methods; forward latency vs new tokens)."""
+    for result in results:
+        table(f"{result['model']}: early-exit decoding vs the own full-depth greedy loop (batch 1, greedy; "
+              f"speedup = tokens/s ratio)",
+              [("method", ""), ("tokens_per_s", ".1f"), ("speedup", ".2f"), ("agreement", ".1%"), ("exact", ".0%"),
+               ("ppl", ".1f"), ("layers_per_token", ".2f"), ("mean_exit_layer", ".2f"), ("acceptance_rate", ".1%"),
+               ("distinct_experts_per_verify", ".1f")], result["methods"])
+        table(f"{result['model']}: full-depth forward of T new tokens on a cache (ms; distinct experts per block)",
+              [("T", "d"), ("ms", ".2f"), ("vs_T1", ".2f"), ("distinct_experts", ".1f")], result["latency"])

@@ -123,18 +123,18 @@ def _training(quick: bool, threads: int, options: Optional[dict] = None) -> list
 def _early_exit(quick: bool, threads: int, options: Optional[dict] = None) -> list[dict]:
     from types import SimpleNamespace
 
-    from .early_exit import run_early_exit_bench
+    from .early_exit import DEFAULT_MODEL, run_early_exit_bench
 
     options = options or {}
-    args = SimpleNamespace(quick=quick, early_exit_model=options.get("early_exit_model") or "runs/early-exit-8l/final",
+    args = SimpleNamespace(quick=quick, early_exit_model=options.get("early_exit_model") or DEFAULT_MODEL,
                            early_exit_plot=options.get("early_exit_plot"))
-    return [run_early_exit_bench(args)]
+    return run_early_exit_bench(args)
 
 
 def _render_early_exit(rows: list[dict], table: Callable) -> None:
     from .early_exit import render_early_exit
 
-    render_early_exit(rows[0], table)
+    render_early_exit(rows, table)
 
 
 def _cuda_experts(quick: bool, threads: int, options: Optional[dict] = None) -> list[dict]:
@@ -194,7 +194,7 @@ SECTIONS: dict[str, Section] = {
         "Expert pruning / specialisation / extension report (trains and caches its models; --pruning-model, "
         "--pruning-run-dir)", [], _pruning, on_request=True, render=_render_pruning),
     "early-exit": Section(
-        "Early-exit decoding vs full-depth greedy on a trained multi-exit model (--early-exit-model, "
+        "Early-exit decoding vs full-depth greedy on trained multi-exit models (--early-exit-model, "
         "--early-exit-plot)", [], _early_exit, on_request=True, render=_render_early_exit),
     "cuda_experts": Section("GPU routed expert MLP vs dense GEMM pair of equal active FLOPs (bf16; eff = dense / "
                             "path)", _cuda_expert_columns, _cuda_experts, device="cuda"),

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 # FREE's teacher-layer table (0-based block-output indices) where the closed form differs (24 -> 10).
 TEACHER_LAYER_OVERRIDES = {(24, 10): [2, 5, 7, 10, 12, 15, 17, 19, 21, 23]}
 EXIT_SCALES = ("one", "l", "sum_l", "inv_l", "sqrt_l", "inv_sqrt_l")
+LAYER_DROPOUT_SCALES = ("exp", "uniform", "linear")
 
 
 def teacher_layers(num_layers: int, shallow: int) -> list[int]:
@@ -44,15 +45,19 @@ def kd_dyna_assignment(costs: Tensor) -> list[int]:
 
 
 def shallow_deep_loss(model: nn.Module, hidden_states: tuple[Tensor, ...], labels: Tensor, shallow: int,
-                      alpha: float = 0.5) -> dict[str, Tensor]:
+                      alpha: float = 0.5, ce_shallow: Optional[Tensor] = None, ce_deep: Optional[Tensor] = None
+                      ) -> dict[str, Tensor]:
     """FREE's loss for a multi-exit model. ``hidden_states``: the backbone's L + 1 states (``[B, T, D]`` each, the
     last already final-normed); ``labels`` ``[B, T]`` (-100 ignored; the model's token loss: shifted for causal LMs,
-    unshifted for T5's decoder); ``shallow`` = S.
+    unshifted for T5's decoder); ``shallow`` = S. ``ce_shallow`` / ``ce_deep``: the exit-S / original-head CEs when
+    already computed (the model's forward).
 
     Returns ``{"loss", "ce_shallow", "ce_deep", "kd"}``; the teacher states get no gradient."""
     num_layers = model.num_exit_layers  # T5: the decoder's layers
-    ce_shallow = model.token_loss(model.exit_logits(hidden_states, shallow), labels)  # T5: unshifted
-    ce_deep = model.token_loss(model.exit_logits(hidden_states, "original"), labels)
+    if ce_shallow is None:
+        ce_shallow = model.token_loss(model.exit_logits(hidden_states, shallow), labels)  # T5: unshifted
+    if ce_deep is None:
+        ce_deep = model.token_loss(model.exit_logits(hidden_states, "original"), labels)
     ce = (shallow * ce_shallow + num_layers * ce_deep) / (shallow + num_layers)
     norm = model.final_norm()
     state = lambda i: hidden_states[i + 1] if i + 1 == num_layers else norm(hidden_states[i + 1])  # noqa: E731
@@ -95,8 +100,8 @@ def layer_dropout_rates(num_layers: int, p_max: float, scale: str = "exp") -> li
     last = max(num_layers - 1, 1)
     shape = {"exp": lambda l: math.exp(l * math.log(2) / last) - 1, "uniform": lambda l: 1.0,
              "linear": lambda l: l / last}
-    if scale not in shape:
-        raise ValueError(f"layer dropout scale must be one of {sorted(shape)}, got {scale!r}.")
+    if scale not in LAYER_DROPOUT_SCALES:
+        raise ValueError(f"layer dropout scale must be one of {LAYER_DROPOUT_SCALES}, got {scale!r}.")
     return [p_max * shape[scale](l) for l in range(num_layers)]
 
 
@@ -107,13 +112,14 @@ def enable_layer_dropout(blocks: nn.ModuleList, rates: list[float], seed: int = 
     for block, rate in zip(blocks, rates):
         generator = torch.Generator().manual_seed(seed + len(handles))
 
-        def hook(module: nn.Module, args: tuple, output, rate: float = rate, generator=generator):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output, rate: float = rate, generator=generator):
             if not module.training or rate <= 0:
                 return output
-            hidden_in = args[0]
+            hidden_in = args[0] if args else kwargs["hidden_states"]
             drop = torch.rand(hidden_in.shape[0], generator=generator) < rate
-            hidden = torch.where(drop.to(hidden_in.device)[:, None, None], hidden_in, output[0])
-            return (hidden,) + tuple(output[1:])
+            hidden_out = output[0] if isinstance(output, tuple) else output  # GPT-2 blocks return a tensor
+            hidden = torch.where(drop.to(hidden_in.device)[:, None, None], hidden_in, hidden_out)
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
-        handles.append(block.register_forward_hook(hook))
+        handles.append(block.register_forward_hook(hook, with_kwargs=True))
     return handles
