@@ -112,8 +112,9 @@ def fit_cast_matrices(model: MultiExitMixin, batches: Iterable[Tensor], attentio
     """Fit the CAST-mode matrices by least squares (no intercept): ``ln_f(h_k) @ W ~= hidden_states[L]``.
 
     ``batches`` yields ``input_ids`` ``[B, T]`` (teacher-forced text; T5: the same text is the encoder input and,
-    shifted right, the decoder input); with ``attention_masks`` only real tokens are used. The fitted ``W`` is written into ``name_to_conv_matrix["<k>_to_<L>"].weight`` (as ``W^T``). Returns the
-    relative residual ``||XW - Y|| / ||Y||`` per exit layer.
+    shifted right, the decoder input); with ``attention_masks`` only real tokens are used. The fitted ``W`` is
+    written into ``name_to_conv_matrix["<k>_to_<L>"].weight`` (as ``W^T``). Returns the relative residual
+    ``||XW - Y|| / ||Y||`` per exit layer.
     """
     if model.multi_exit_config.vocab_projection_mode is not VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS:
         raise ValueError("fit_cast_matrices needs a model built with SHARED_PROJECTION_CAST_OUTPUTS.")

@@ -7,7 +7,8 @@ T5 decoder: :meth:`T5DecoderAdapter.begin` runs the encoder ONCE and starts the 
 ``decoder_start_token_id``; every range call gets the relative position bias of ITS queries (slots ``past ..``) over
 its keys from block 0's bias table (blocks above 0 have none: T5 computes it in block 0 and passes it up), the
 additive causal mask, and the encoder states for cross-attention (each block's cross-attention K/V are computed the
-first time it runs and cached). Skipped blocks cache ``k(layer_norm(h))`` / ``v(layer_norm(h))`` of their self-attention.
+first time it runs and cached). Skipped blocks cache ``k(layer_norm(h))`` / ``v(layer_norm(h))`` of their
+self-attention.
 """
 from __future__ import annotations
 

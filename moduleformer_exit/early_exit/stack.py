@@ -34,7 +34,7 @@ class LayerStack:
         trained = getattr(model, "exit_layers", None) or []
         config = getattr(model, "multi_exit_config", None)
         # SHARED_PROJECTION_DIRECT exits read every layer through the model's own norm + lm_head (LayerSkip-style)
-        direct = config is not None and config.vocab_projection_mode is VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
+        direct = _reads_every_layer(config)
         self.head_layers = (list(range(1, self.num_layers + 1)) if shared_head or direct
                             else sorted(set(trained)))
 
@@ -117,13 +117,18 @@ class LayerStack:
             return self.model.lm_head(scale(self.adapter.final_norm(hidden))).float()
         trained = getattr(self.model, "exit_layers", None) or []
         config = getattr(self.model, "multi_exit_config", None)
-        direct = config is not None and config.vocab_projection_mode is VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
+        direct = _reads_every_layer(config)
         if layer in trained or direct:
             # exit_logits applies ln_f itself below the top layer; it indexes hidden_states by layer.
             return self.model.exit_logits({layer: hidden}, layer)
         if not self.shared_head:
             raise ValueError(f"exit layer {layer} has no exit head; pass shared_head=True for ln_f + lm_head.")
         return self.model.lm_head(scale(self.adapter.final_norm(hidden))).float()
+
+
+def _reads_every_layer(config) -> bool:
+    """Whether a multi-exit runtime config projects every layer through the model's own norm + lm_head."""
+    return config is not None and config.vocab_projection_mode is VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
 
 
 def softmax_margin(logits: Tensor) -> Tensor:

@@ -55,8 +55,8 @@ class MultiExitLM(HFLM):
     """``HFLM`` with the multi-exit options of :class:`~moduleformer_exit.MultiExitConfiguration` as model args.
 
     ``pretrained``: a checkpoint directory (or hub id) of a ModuleFormer, GPT-2, GPT-Neo, Llama or T5 model, with or
-    without exit heads, or a model object (a multi-exit model is switched to the requested output in place). Other causal LMs load
-    through plain ``HFLM`` and support only the original head. ``use_original_head``, ``output_layer_index``,
+    without exit heads, or a model object (a multi-exit model is switched to the requested output in place). Other
+    causal LMs load through plain ``HFLM`` and support only the original head. ``use_original_head``, ``output_layer_index``,
     ``contrast_layer_indices`` (``'original;12'``), ``vocab_projection_mode``, ``alpha``, ``minimum_candidates``: see
     :mod:`moduleformer_exit.evaluation.model_args`. ``max_length``: default from the config (ModuleFormer:
     ``block_size``, its training sequence length; others: HFLM's ``n_positions`` / ``max_position_embeddings``).
