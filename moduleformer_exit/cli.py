@@ -100,6 +100,8 @@ def load_for_generation(model_dir: str, contrast: Optional[str] = None, exit_lay
     elif getattr(config, "lm_head_layer_indices", None):
         runtime = MultiExitConfiguration()
     else:
+        if config.model_type == "t5":  # MultiExitT5 without exits: generate() also with a decoder deeper than the
+            return AutoMultiExitModel.from_pretrained(model_dir, MultiExitConfiguration()).eval()  # encoder
         plain = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         return plain.from_pretrained(model_dir).eval()
     return AutoMultiExitModel.from_pretrained(model_dir, runtime).eval()

@@ -222,3 +222,22 @@ def test_forward_takes_the_cache_under_both_names_and_refuses_unknown_kwargs(che
         torch.testing.assert_close(logits["cache"], full[:, -1:], atol=1e-5, rtol=1e-5)  # = the uncached forward
         with pytest.raises(TypeError, match="no_such_option"):
             model(**first(), no_such_option=1)
+
+
+def test_generate_command_on_a_plain_t5_with_a_deeper_decoder(tmp_path, capsys):
+    """A plain T5 checkpoint (no exits) whose decoder is deeper than its encoder: transformers 5.23 / 5.24's own
+    generate() raises IndexError there; the command decodes it, checked with a naive uncached greedy loop."""
+    tok = tokenizer()
+    tok.save_pretrained(tmp_path)
+    torch.manual_seed(3)
+    plain = T5ForConditionalGeneration(tiny_config("t5", len(tok))).eval()
+    plain.save_pretrained(tmp_path)
+    assert main(["generate", "a single man", "--model", str(tmp_path), "--max-new-tokens", "5"]) == 0
+    prompt = tok("a single man", return_tensors="pt").input_ids
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(5):
+            logits = plain(prompt, decoder_input_ids=ids, use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    printed = capsys.readouterr().out.strip().splitlines()[-1]  # (a first import may log a line before the text)
+    assert printed == tok.decode(ids[0, 1:], skip_special_tokens=True).strip()
