@@ -25,7 +25,9 @@ from .multi_exit_models import (
     AutoMultiExitModel,
     MultiExitGPT2,
     MultiExitGPTNeo,
+    MultiExitLlama,
     MultiExitModuleFormer,
+    MultiExitT5,
     fit_cast_matrices,
 )
 
@@ -59,6 +61,8 @@ __all__ = [
     "MultiExitModuleFormer",
     "MultiExitGPT2",
     "MultiExitGPTNeo",
+    "MultiExitLlama",
+    "MultiExitT5",
     "fit_cast_matrices",
     "auto_contrastive_log_probs",
     "calculate_contrasted_logits",

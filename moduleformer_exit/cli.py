@@ -82,9 +82,10 @@ def _check_model_dir(model_dir: str) -> None:
 
 def load_for_generation(model_dir: str, contrast: Optional[str] = None, exit_layer: Optional[int] = None,
                         alpha: float = 0.1):
-    """Load a causal LM for generation: a multi-exit model (ModuleFormer, GPT-2, GPT-Neo) when an exit or contrast
-    is asked for or the checkpoint has exit heads, otherwise a plain ``AutoModelForCausalLM``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load a model for generation: a multi-exit model (ModuleFormer, GPT-2, GPT-Neo, Llama, T5) when an exit or
+    contrast is asked for or the checkpoint has exit heads, otherwise a plain ``AutoModelForCausalLM`` (T5:
+    ``AutoModelForSeq2SeqLM``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from . import AutoMultiExitModel, MultiExitConfiguration
 
@@ -99,7 +100,10 @@ def load_for_generation(model_dir: str, contrast: Optional[str] = None, exit_lay
     elif getattr(config, "lm_head_layer_indices", None):
         runtime = MultiExitConfiguration()
     else:
-        return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        if config.model_type == "t5":  # MultiExitT5 without exits: generate() also with a decoder deeper than the
+            return AutoMultiExitModel.from_pretrained(model_dir, MultiExitConfiguration()).eval()  # encoder
+        plain = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        return plain.from_pretrained(model_dir).eval()
     return AutoMultiExitModel.from_pretrained(model_dir, runtime).eval()
 
 
@@ -148,7 +152,7 @@ def run_generate_early_exit(args: argparse.Namespace, tokenizer) -> int:
     if args.contrast is not None or args.num_beams != 1:
         raise SystemExit("--early-exit / --self-speculative do not combine with --contrast or --num-beams")
     model = AutoMultiExitModel.from_pretrained(args.model).eval()
-    num_layers = model.config.num_hidden_layers
+    num_layers = model.num_exit_layers
     try:
         if args.self_speculative is not None:
             config = EarlyExitConfig("self_speculative", exit_layer=args.self_speculative, gamma=args.gamma,

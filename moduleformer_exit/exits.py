@@ -1,11 +1,14 @@
 """Intermediate exit heads on a causal LM: exit logits, ACD / single-exit outputs, the exit training loss, freezing.
 
-``MultiExitMixin`` goes before a transformers causal-LM class whose backbone exposes ``hidden_states`` with n_layer + 1
-entries (the last one already final-normed) and a final norm ``ln_f`` (ModuleFormer, GPT-2, GPT-Neo):
+``MultiExitMixin`` goes before a transformers LM class whose backbone (the decoder, for T5) exposes ``hidden_states``
+with L + 1 entries (the last one already final-normed) and a shared final norm (``ln_f``; Llama ``model.norm``; T5
+``decoder.final_layer_norm``):
 
-    exit_k     = head_k(ln_f(hidden_states[k]))   for 1 <= k < n_layer
-    exit_L     = head_L(hidden_states[n_layer])   (already normed)
-    "original" = lm_head(hidden_states[n_layer])  (the model's normal logits)
+    exit_k     = head_k(s * ln_f(hidden_states[k]))   for 1 <= k < L
+    exit_L     = head_L(s * hidden_states[L])         (already normed)
+    "original" = lm_head(s * hidden_states[L])        (the model's normal logits)
+
+with ``s = 1`` except for T5 with tied embeddings (``s = d_model ** -0.5``, as T5 scales its own output).
 
 Parameter names follow autocontrastive-gen (``name_to_lm_exit_head.lm_head_<k>.weight``,
 ``name_to_conv_matrix.<k>_to_<L>.weight``), so its checkpoints load unchanged.
@@ -71,11 +74,11 @@ class MultiExitMixin:
                 setattr(config, name, default)
         if exit_loss_weighting is not None:
             config.exit_loss_weighting = exit_loss_weighting
-        _validate_loss_config(config)
+        _validate_loss_config(config, self.exit_layer_count(config))
         super().__init__(config, *args, **kwargs)
         # transformers picks the loss from the class-name suffix ("...ForCausalLM"); ours are causal LMs too
         self.loss_type = "ForCausalLM"
-        num_layers, hidden = config.num_hidden_layers, config.hidden_size
+        num_layers, hidden = self.exit_layer_count(config), config.hidden_size
         for k in config.lm_head_layer_indices:
             if not 1 <= k <= num_layers:
                 raise ValueError(
@@ -108,9 +111,10 @@ class MultiExitMixin:
             return []
         from .early_exit.losses import enable_layer_dropout, layer_dropout_rates
 
-        rates = layer_dropout_rates(self.config.num_hidden_layers, float(self.config.layer_dropout),
+        rates = layer_dropout_rates(self.num_exit_layers, float(self.config.layer_dropout),
                                     self.config.layer_dropout_scale)
-        return enable_layer_dropout(self.backbone.h, rates)
+        blocks = next(getattr(self.backbone, name) for name in ("h", "layers", "block") if hasattr(self.backbone, name))
+        return enable_layer_dropout(blocks, rates)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _init_weights(self, module: nn.Module) -> None:
@@ -118,6 +122,16 @@ class MultiExitMixin:
         casts = getattr(self, "name_to_conv_matrix", None)
         if casts is not None and any(module is cast for cast in casts.values()):
             init.eye_(module.weight)  # transformers' helper: skipped for weights loaded from a checkpoint
+
+    @staticmethod
+    def exit_layer_count(config) -> int:
+        """L, the number of blocks exits count (the decoder's, for an encoder-decoder model)."""
+        return config.num_hidden_layers
+
+    @property
+    def num_exit_layers(self) -> int:
+        """L for this model (:meth:`exit_layer_count`): exits are 1..L, exit L is the top layer."""
+        return self.exit_layer_count(self.config)
 
     @property
     def exit_layers(self) -> list[int]:
@@ -132,10 +146,10 @@ class MultiExitMixin:
     @exit_loss_weighting.setter
     def exit_loss_weighting(self, value: str) -> None:
         self.config.exit_loss_weighting = value
-        _validate_loss_config(self.config)
+        _validate_loss_config(self.config, self.num_exit_layers)
 
     def _check_requested_layers(self, multi_exit_config: MultiExitConfiguration) -> None:
-        num_layers = self.config.num_hidden_layers
+        num_layers = self.num_exit_layers
         mode = multi_exit_config.vocab_projection_mode
         for layer in multi_exit_config.requested_layers():
             if layer == ORIGINAL:
@@ -205,21 +219,31 @@ class MultiExitMixin:
         """The backbone's shared final norm, applied to exits below the top layer."""
         return self.backbone.ln_f
 
+    def exit_hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> tuple[Tensor, ...]:
+        """The L + 1 hidden states ``[B, T, D]`` exits read, for teacher-forced text ``input_ids`` ``[B, T]``."""
+        return self.backbone(input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                             use_cache=False).hidden_states
+
+    def scale_exit_input(self, h: Tensor) -> Tensor:
+        """What the model does to its normed top state before ``lm_head``, applied to every exit (identity; T5
+        with tied embeddings overrides it with the ``d_model ** -0.5`` rescale)."""
+        return h
+
     def _exit_projection(self, hidden_states: tuple[Tensor, ...], layer) -> tuple[Tensor, nn.Module]:
         """``(h, head)`` with ``exit_logits(layer) == head(h).float()``: the normed (and, in the cast mode, cast)
         hidden state of exit ``layer`` (int, or ``'original'``) and the vocabulary projection it goes through."""
-        num_layers = self.config.num_hidden_layers
+        num_layers = self.num_exit_layers
         if layer == ORIGINAL:
-            return hidden_states[num_layers], self.lm_head
+            return self.scale_exit_input(hidden_states[num_layers]), self.lm_head
         h = hidden_states[layer]
         if layer < num_layers:
             h = self.final_norm()(h)
         mode = self.multi_exit_config.vocab_projection_mode
         if mode is VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION:
-            return h, self.name_to_lm_exit_head[f"lm_head_{layer}"]
+            return self.scale_exit_input(h), self.name_to_lm_exit_head[f"lm_head_{layer}"]
         if mode is VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS and layer != num_layers:
             h = self.name_to_conv_matrix[f"{layer}_to_{num_layers}"](h)
-        return h, self.lm_head
+        return self.scale_exit_input(h), self.lm_head
 
     def exit_logits(self, hidden_states: tuple[Tensor, ...], layer) -> Tensor:
         """Float32 logits of exit ``layer`` (int, or ``'original'``) from the backbone's ``hidden_states``."""
@@ -252,9 +276,15 @@ class MultiExitMixin:
 
     def exit_losses(self, hidden_states: tuple[Tensor, ...], labels: Tensor,
                     num_items_in_batch: Optional[Tensor | int] = None) -> dict[int, Tensor]:
-        """``{layer: shifted cross-entropy of exit layer}`` for every exit (the model's own causal-LM loss)."""
-        return {k: self.loss_function(self.exit_logits(hidden_states, k), labels, self.config.vocab_size,
-                                      num_items_in_batch=num_items_in_batch) for k in self.exit_layers}
+        """``{layer: cross-entropy of exit layer}`` for every exit, with the model's own token loss
+        (:meth:`token_loss`)."""
+        return {k: self.token_loss(self.exit_logits(hidden_states, k), labels, num_items_in_batch)
+                for k in self.exit_layers}
+
+    def token_loss(self, logits: Tensor, labels: Tensor, num_items_in_batch: Optional[Tensor | int] = None) -> Tensor:
+        """The model's LM loss of ``logits`` ``[B, T, V]`` against ``labels`` ``[B, T]`` (-100 ignored): the shifted
+        causal-LM cross-entropy (T5 overrides it with its unshifted one)."""
+        return self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
 
     def combine_losses(self, lm_loss: Tensor, exit_losses: dict[int, Tensor],
                        aux_loss: Optional[Tensor] = None, hidden_states: Optional[tuple[Tensor, ...]] = None,
@@ -281,7 +311,7 @@ class MultiExitMixin:
         """
         cfg = self.config
         kind = getattr(cfg, "exit_loss", "ce")
-        num_layers = cfg.num_hidden_layers
+        num_layers = self.num_exit_layers
         exit_losses = {k: v for k, v in exit_losses.items() if k != num_layers or kind == "ce"}
         if kind == "shallow_deep":
             from .early_exit.losses import shallow_deep_loss
@@ -383,12 +413,11 @@ class MultiExitMixin:
         if need_hidden:
             logits = self.output_logits(tuple(h[:, keep] for h in hidden_states))
         else:  # == exit_logits(hidden_states, "original"): the last hidden state is already final-normed
-            logits = self.lm_head(outputs.last_hidden_state[:, keep]).float()
+            logits = self.lm_head(self.scale_exit_input(outputs.last_hidden_state[:, keep])).float()
         loss = lm_loss = exit_losses = None
         aux_loss = getattr(outputs, "aux_loss", None)
         if labels is not None:
-            lm_loss = self.loss_function(self.exit_logits(hidden_states, ORIGINAL), labels, self.config.vocab_size,
-                                         num_items_in_batch=num_items_in_batch)
+            lm_loss = self.token_loss(self.exit_logits(hidden_states, ORIGINAL), labels, num_items_in_batch)
             exit_losses = self.exit_losses(hidden_states, labels, num_items_in_batch)
             loss = self.combine_losses(lm_loss, exit_losses, aux_loss, hidden_states, labels)
         return MultiExitCausalLMOutput(
@@ -404,7 +433,7 @@ class MultiExitMixin:
         )
 
 
-def _validate_loss_config(config) -> None:
+def _validate_loss_config(config, num_layers: Optional[int] = None) -> None:
     """Raise ValueError naming the field if the loss settings in ``config`` are unusable."""
     if config.exit_loss_weighting not in EXIT_LOSS_WEIGHTINGS:
         raise ValueError(f"exit_loss_weighting must be one of {EXIT_LOSS_WEIGHTINGS}, got "
@@ -427,7 +456,7 @@ def _validate_loss_config(config) -> None:
         raise ValueError(f"layer_dropout (LayerSkip's p_max) must be in [0, 1], got {p!r}.")
     if config.exit_loss == "shallow_deep":
         layers = getattr(config, "lm_head_layer_indices", None) or []
-        num_layers = config.num_hidden_layers
+        num_layers = config.num_hidden_layers if num_layers is None else num_layers  # T5: the decoder's layers
         shallow = config.shallow_exit
         if not isinstance(shallow, int) or isinstance(shallow, bool) or not 1 <= shallow < num_layers \
                 or shallow not in layers:

@@ -1,4 +1,5 @@
-"""Multi-exit ModuleFormer / GPT-2 / GPT-Neo models and ``AutoMultiExitModel`` (autocontrastive-gen's loader)."""
+"""Multi-exit ModuleFormer / GPT-2 / GPT-Neo / Llama models (T5: ``multi_exit_t5``) and ``AutoMultiExitModel``
+(autocontrastive-gen's loader)."""
 from __future__ import annotations
 
 import os
@@ -6,12 +7,13 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, GPT2LMHeadModel, GPTNeoForCausalLM
+from transformers import AutoConfig, GPT2LMHeadModel, GPTNeoForCausalLM, LlamaForCausalLM
 
 from .exits import MultiExitCausalLMOutput, MultiExitMixin
 from .hf_compat import pick_cache
 from .modeling import ModuleFormerForCausalLM
 from .multi_exit_config import MultiExitConfiguration, VocabularyProjectionMode
+from .multi_exit_t5 import MultiExitT5
 
 
 class MultiExitModuleFormer(MultiExitMixin, ModuleFormerForCausalLM):
@@ -51,10 +53,23 @@ class MultiExitGPTNeo(MultiExitMixin, GPTNeoForCausalLM):
     """GPT-Neo with exit heads; loads autocontrastive-gen's ``MultiHeadGPTNeo`` / ``MultiExitGPTNeo`` checkpoints."""
 
 
+class MultiExitLlama(MultiExitMixin, LlamaForCausalLM):
+    """Llama with exits: exit k = head_k(model.norm(h_k)) below the top layer; loads autocontrastive-gen's
+    ``MultiExitLlama`` checkpoints. With ``SHARED_PROJECTION_DIRECT`` every layer exits through the model's own norm and
+    ``lm_head``, which is how LayerSkip checkpoints are trained to be read early (no new heads needed)."""
+
+    backbone_name = "model"
+
+    def final_norm(self):
+        return self.model.norm
+
+
 MULTI_EXIT_CLASSES = {
     "moduleformer": MultiExitModuleFormer,
     "gpt2": MultiExitGPT2,
     "gpt_neo": MultiExitGPTNeo,
+    "llama": MultiExitLlama,
+    "t5": MultiExitT5,
 }
 
 
@@ -64,7 +79,7 @@ class AutoMultiExitModel:
     @staticmethod
     def from_pretrained(pretrained_model_name_or_path: str | os.PathLike,
                         multi_exit_config: Optional[MultiExitConfiguration] = None, **kwargs: Any):
-        """Load a ModuleFormer, GPT-2 or GPT-Neo checkpoint with its exit heads.
+        """Load a ModuleFormer, GPT-2, GPT-Neo, Llama or T5 checkpoint with its exit heads.
 
         ``config.json``'s ``lm_head_layer_indices`` lists the exits; a runtime ``multi_exit_config`` with its own
         ``lm_head_layer_indices`` overrides it (heads missing from the checkpoint are newly initialised, e.g. to train
@@ -96,13 +111,14 @@ def fit_cast_matrices(model: MultiExitMixin, batches: Iterable[Tensor], attentio
                       max_rows: int = 200_000) -> dict[int, float]:
     """Fit the CAST-mode matrices by least squares (no intercept): ``ln_f(h_k) @ W ~= hidden_states[L]``.
 
-    ``batches`` yields ``input_ids`` ``[B, T]`` (teacher-forced text); with ``attention_masks`` only real tokens are
-    used. The fitted ``W`` is written into ``name_to_conv_matrix["<k>_to_<L>"].weight`` (as ``W^T``). Returns the
-    relative residual ``||XW - Y|| / ||Y||`` per exit layer.
+    ``batches`` yields ``input_ids`` ``[B, T]`` (teacher-forced text; T5: the same text is the encoder input and,
+    shifted right, the decoder input); with ``attention_masks`` only real tokens are used. The fitted ``W`` is
+    written into ``name_to_conv_matrix["<k>_to_<L>"].weight`` (as ``W^T``). Returns the relative residual
+    ``||XW - Y|| / ||Y||`` per exit layer.
     """
     if model.multi_exit_config.vocab_projection_mode is not VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS:
         raise ValueError("fit_cast_matrices needs a model built with SHARED_PROJECTION_CAST_OUTPUTS.")
-    num_layers = model.config.num_hidden_layers
+    num_layers = model.num_exit_layers
     layers = [k for k in model.exit_layers if k != num_layers]
     inputs = {k: [] for k in layers}
     targets = []
@@ -112,7 +128,7 @@ def fit_cast_matrices(model: MultiExitMixin, batches: Iterable[Tensor], attentio
     rows = 0
     for input_ids in batches:
         mask = next(masks) if masks is not None else None
-        hidden = model.backbone(input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        hidden = model.exit_hidden_states(input_ids, mask)
         keep = mask.bool() if mask is not None else torch.ones(input_ids.shape, dtype=torch.bool)
         targets.append(hidden[num_layers][keep].double())
         for k in layers:

@@ -1,11 +1,11 @@
-"""Exit-head training on a frozen base (ModuleFormer, GPT-2 or GPT-Neo) with per-exit held-out perplexity before and
-after.
+"""Exit-head training on a frozen base (ModuleFormer, GPT-2, GPT-Neo, Llama or T5) with per-exit held-out perplexity
+before and after.
 
 The base is loaded through ``AutoMultiExitModel`` with ``MultiExitConfiguration(lm_head_layer_indices=...,
 freeze_parameters=True)``: only ``name_to_lm_exit_head.lm_head_<k>`` train (loss: the sum of the exits' shifted CEs).
 New heads start as a copy of the model's ``lm_head`` (``init="lm_head"``, so "before" is the logit-lens perplexity)
 or randomly (``init="random"``). The result saves with ``save_pretrained`` + tokenizer and reloads with
-``AutoMultiExitModel.from_pretrained(out_dir)``.
+``AutoMultiExitModel.from_pretrained(out_dir)``. T5 trains on the same text blocks as a prefix LM (:class:`PrefixLM`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,27 @@ import torch
 from moduleformer_exit.perplexity import heldout_perplexities
 
 from .data import BlockOrder, build_lm_data
+
+
+class PrefixLM(torch.nn.Module):
+    """An encoder-decoder model seen as an LM of text blocks ``[B, T]``: the first ``T // 2`` tokens are the encoder
+    input, the rest the decoder target (T5's prefix-LM objective), so exit training and held-out perplexity run on
+    the causal-LM blocks unchanged. ``forward(input_ids, labels, attention_mask=None)`` returns the model's output."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        if input_ids.shape[1] < 2:
+            raise ValueError(f"PrefixLM needs blocks of >= 2 tokens, got {tuple(input_ids.shape)}.")
+        cut = input_ids.shape[1] // 2
+        mask = None if attention_mask is None else attention_mask[:, :cut]
+        return self.model(input_ids=input_ids[:, :cut], attention_mask=mask, labels=labels[:, cut:])
 
 
 def load_exit_model(base: str, layers: Sequence[int], init: str = "lm_head", freeze_existing: bool = False):
@@ -63,7 +84,8 @@ def train_exits(base: str, layers: Sequence[int], data_files: Sequence[str] | st
     data = build_lm_data(data_files, block_size, tokenizer=base, data_format=data_format, sample_by=sample_by,
                          heldout_fraction=heldout_fraction, seed=seed, max_heldout_blocks=max_heldout_blocks)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    before = heldout_perplexities(model, data.heldout)
+    lm = PrefixLM(model) if getattr(model.config, "is_encoder_decoder", False) else model
+    before = heldout_perplexities(lm, data.heldout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("No trainable exit heads: check lm_head_layer_indices.")
@@ -73,14 +95,14 @@ def train_exits(base: str, layers: Sequence[int], data_files: Sequence[str] | st
     t0 = time.time()
     for step in range(steps):
         x = data.train[order.indices(step * batch_size, batch_size)]
-        loss = model(input_ids=x, labels=x).loss
+        loss = lm(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps}: exit loss {loss.item():.3f}")
     seconds = time.time() - t0
-    after = heldout_perplexities(model, data.heldout)
+    after = heldout_perplexities(lm, data.heldout)
     for n, p in model.named_parameters():  # the base really stayed frozen
         if n in frozen_before and not torch.equal(frozen_before[n], p):
             raise RuntimeError(f"Frozen parameter {n} changed during exit training.")
@@ -107,8 +129,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="moduleformer-exit train-exits", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="base checkpoint directory (ModuleFormer, GPT-2 or GPT-Neo) with "
-                                                  "its tokenizer")
+    p.add_argument("--model", required=True, help="base checkpoint directory (ModuleFormer, GPT-2, GPT-Neo, Llama "
+                                                  "or T5) with its tokenizer")
     p.add_argument("--layers", required=True, help="comma-separated exit layers to add or train, e.g. 2,4 (the "
                                                    "model's existing exits are always kept)")
     p.add_argument("--freeze-existing", action="store_true",

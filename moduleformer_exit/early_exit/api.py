@@ -72,6 +72,7 @@ def generate_early_exit(model: nn.Module, input_ids: Tensor, early_exit: EarlyEx
                          f"{tuple(input_ids.shape)}.")
     stack = LayerStack(model, shared_head=early_exit.shared_head)
     early_exit.check_model(stack.num_layers, stack.head_layers)
+    input_ids, attention_mask = stack.adapter.begin(input_ids, attention_mask)  # T5: encoder once, decoder prompt
     eos = _eos_ids(model, eos_token_id)
     if pad_token_id is None:
         pad_token_id = getattr(model.generation_config, "pad_token_id", None)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
 
 from ..hf_compat import cache_kwargs
 
@@ -88,6 +89,19 @@ class BackboneAdapter:
     def final_norm(self, hidden: Tensor) -> Tensor:
         """The final norm the original head reads after the top block."""
         raise NotImplementedError
+
+    def begin(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """The decoder prompt ``[B, P]`` and its mask for a generation request (decoder-only: unchanged; an
+        encoder-decoder runs its encoder here, once)."""
+        return input_ids, attention_mask
+
+    def new_cache(self) -> Any:
+        """An empty per-layer KV cache for the blocks."""
+        return DynamicCache(config=self.model.config)
+
+    def self_cache(self, cache: Any) -> DynamicCache:
+        """The per-layer self-attention cache inside ``cache`` (what lengths, crops and propagation act on)."""
+        return cache
 
     def distinct_experts(self, route: list) -> Optional[float]:
         """Mean distinct experts per block over one recorded call (None for a dense backbone)."""

@@ -48,15 +48,16 @@ def shallow_deep_loss(model: nn.Module, hidden_states: tuple[Tensor, ...], label
                       alpha: float = 0.5, ce_shallow: Optional[Tensor] = None, ce_deep: Optional[Tensor] = None
                       ) -> dict[str, Tensor]:
     """FREE's loss for a multi-exit model. ``hidden_states``: the backbone's L + 1 states (``[B, T, D]`` each, the
-    last already final-normed); ``labels`` ``[B, T]`` (-100 ignored; shifted inside); ``shallow`` = S.
-    ``ce_shallow`` / ``ce_deep``: the exit-S / original-head CEs when already computed (the model's forward).
+    last already final-normed); ``labels`` ``[B, T]`` (-100 ignored; the model's token loss: shifted for causal LMs,
+    unshifted for T5's decoder); ``shallow`` = S. ``ce_shallow`` / ``ce_deep``: the exit-S / original-head CEs when
+    already computed (the model's forward).
 
     Returns ``{"loss", "ce_shallow", "ce_deep", "kd"}``; the teacher states get no gradient."""
-    num_layers = model.config.num_hidden_layers
+    num_layers = model.num_exit_layers  # T5: the decoder's layers
     if ce_shallow is None:
-        ce_shallow = model.loss_function(model.exit_logits(hidden_states, shallow), labels, model.config.vocab_size)
+        ce_shallow = model.token_loss(model.exit_logits(hidden_states, shallow), labels)  # T5: unshifted
     if ce_deep is None:
-        ce_deep = model.loss_function(model.exit_logits(hidden_states, "original"), labels, model.config.vocab_size)
+        ce_deep = model.token_loss(model.exit_logits(hidden_states, "original"), labels)
     ce = (shallow * ce_shallow + num_layers * ce_deep) / (shallow + num_layers)
     norm = model.final_norm()
     state = lambda i: hidden_states[i + 1] if i + 1 == num_layers else norm(hidden_states[i + 1])  # noqa: E731

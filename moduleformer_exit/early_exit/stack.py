@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
+from ..multi_exit_config import VocabularyProjectionMode
+from . import backbones_llama_t5  # noqa: F401  (registers the Llama / T5 adapters)
 from .backbones import BackboneAdapter, adapter_for, positions_from_mask
 
 
@@ -30,16 +32,21 @@ class LayerStack:
         self.blocks = self.adapter.blocks
         self.num_layers = self.adapter.num_layers
         trained = getattr(model, "exit_layers", None) or []
-        self.head_layers = list(range(1, self.num_layers + 1)) if shared_head else sorted(set(trained))
+        config = getattr(model, "multi_exit_config", None)
+        # SHARED_PROJECTION_DIRECT exits read every layer through the model's own norm + lm_head (LayerSkip-style)
+        direct = _reads_every_layer(config)
+        self.head_layers = (list(range(1, self.num_layers + 1)) if shared_head or direct
+                            else sorted(set(trained)))
 
     # ----------------------------------------------------------------------------------------------- cache
     def new_cache(self) -> DynamicCache:
-        """An empty per-layer KV cache (``cache.layers[i]``, each with its own length)."""
-        return DynamicCache(config=self.model.config)
+        """An empty per-layer KV cache (``cache.layers[i]``, each with its own length; T5: an encoder-decoder cache
+        whose self-attention part holds them)."""
+        return self.adapter.new_cache()
 
-    @staticmethod
-    def length(cache: DynamicCache, layer: int) -> int:
+    def length(self, cache: DynamicCache, layer: int) -> int:
         """Number of cached positions of block ``layer`` (0-based)."""
+        cache = self.adapter.self_cache(cache)
         if layer >= len(cache.layers):
             return 0
         keys = getattr(cache.layers[layer], "keys", None)
@@ -47,8 +54,9 @@ class LayerStack:
 
     def crop(self, cache: DynamicCache, length: int, layers: Optional[range] = None) -> None:
         """Truncate the given blocks' (default: all) caches to their first ``length`` positions."""
+        outer, cache = cache, self.adapter.self_cache(cache)
         for layer in layers if layers is not None else range(self.num_layers):
-            if self.length(cache, layer) > length:  # slicing works the same on every transformers 5 release
+            if self.length(outer, layer) > length:  # slicing works the same on every transformers 5 release
                 cache.layers[layer].keys = cache.layers[layer].keys[..., :length, :]
                 cache.layers[layer].values = cache.layers[layer].values[..., :length, :]
 
@@ -93,7 +101,7 @@ class LayerStack:
         inputs = self.adapter.layer_inputs(hidden, past, mask, positions)
         for layer in range(start, end):
             k, v = self.adapter.kv(layer, hidden, inputs)
-            cache.update(k, v, layer)
+            self.adapter.self_cache(cache).update(k, v, layer)
 
     def distinct_experts(self, route: list) -> Optional[float]:
         """Mean distinct experts per block of one recorded call (None for dense backbones)."""
@@ -104,15 +112,23 @@ class LayerStack:
 
         ``layer == L``: the model's original head ``lm_head(ln_f(h))`` (what plain ``generate`` uses). Below L: the
         trained exit head ``head_k(ln_f(h))`` or, with ``shared_head`` and no trained head, ``lm_head(ln_f(h))``."""
+        scale = getattr(self.model, "scale_exit_input", lambda h: h)  # T5 (tied): d_model ** -0.5
         if layer == self.num_layers:
-            return self.model.lm_head(self.adapter.final_norm(hidden)).float()
+            return self.model.lm_head(scale(self.adapter.final_norm(hidden))).float()
         trained = getattr(self.model, "exit_layers", None) or []
-        if layer in trained:
+        config = getattr(self.model, "multi_exit_config", None)
+        direct = _reads_every_layer(config)
+        if layer in trained or direct:
             # exit_logits applies ln_f itself below the top layer; it indexes hidden_states by layer.
             return self.model.exit_logits({layer: hidden}, layer)
         if not self.shared_head:
             raise ValueError(f"exit layer {layer} has no exit head; pass shared_head=True for ln_f + lm_head.")
-        return self.model.lm_head(self.adapter.final_norm(hidden)).float()
+        return self.model.lm_head(scale(self.adapter.final_norm(hidden))).float()
+
+
+def _reads_every_layer(config) -> bool:
+    """Whether a multi-exit runtime config projects every layer through the model's own norm + lm_head."""
+    return config is not None and config.vocab_projection_mode is VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
 
 
 def softmax_margin(logits: Tensor) -> Tensor:

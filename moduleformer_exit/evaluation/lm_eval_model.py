@@ -1,5 +1,6 @@
 """lm-eval 0.4 model type ``moduleformer-exit`` (aliases ``multi_exit``, ``multi_exit_gpt``): lm-eval's ``HFLM`` over a
-multi-exit ModuleFormer / GPT-2 / GPT-Neo, scoring the original head, one exit or ACD.
+multi-exit ModuleFormer / GPT-2 / GPT-Neo / Llama / T5 (lm-eval's seq2seq backend), scoring the original head, one
+exit or ACD.
 
 The multi-exit model's forward returns the configured output at every position (original logits, exit k's logits, or
 ACD log-probabilities), so HFLM's own log-likelihood (``log_softmax`` of the logits; idempotent on ACD's normalised
@@ -37,13 +38,25 @@ def resolve_device(device: Optional[str]) -> str:
     return str(device)
 
 
+def _is_encoder_decoder(pretrained: Union[str, PreTrainedModel], kwargs: dict) -> bool:
+    """Whether ``pretrained`` (a model or a checkpoint directory / hub id) is an encoder-decoder (T5: lm-eval's
+    ``seq2seq`` backend, continuations scored as decoder targets)."""
+    if not isinstance(pretrained, str):
+        return bool(getattr(pretrained.config, "is_encoder_decoder", False))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(pretrained, revision=kwargs.get("revision", "main"),
+                                        trust_remote_code=kwargs.get("trust_remote_code", False))
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 @register_model(MODEL_TYPE, "multi_exit", "multi_exit_gpt")
 class MultiExitLM(HFLM):
     """``HFLM`` with the multi-exit options of :class:`~moduleformer_exit.MultiExitConfiguration` as model args.
 
-    ``pretrained``: a checkpoint directory (or hub id) of a ModuleFormer, GPT-2 or GPT-Neo model, with or without exit
-    heads, or a model object (a multi-exit model is switched to the requested output in place). Other causal LMs load
-    through plain ``HFLM`` and support only the original head. ``use_original_head``, ``output_layer_index``,
+    ``pretrained``: a checkpoint directory (or hub id) of a ModuleFormer, GPT-2, GPT-Neo, Llama or T5 model, with or
+    without exit heads, or a model object (a multi-exit model is switched to the requested output in place). Other
+    causal LMs load through plain ``HFLM`` and support only the original head. ``use_original_head``, ``output_layer_index``,
     ``contrast_layer_indices`` (``'original;12'``), ``vocab_projection_mode``, ``alpha``, ``minimum_candidates``: see
     :mod:`moduleformer_exit.evaluation.model_args`. ``max_length``: default from the config (ModuleFormer:
     ``block_size``, its training sequence length; others: HFLM's ``n_positions`` / ``max_position_embeddings``).
@@ -67,7 +80,7 @@ class MultiExitLM(HFLM):
                                                                  **options)
             if not isinstance(pretrained, str):
                 self._configure_model_object(pretrained)
-        kwargs.setdefault("backend", "causal")
+        kwargs.setdefault("backend", "seq2seq" if _is_encoder_decoder(pretrained, kwargs) else "causal")
         super().__init__(pretrained=pretrained, device=resolve_device(device), **kwargs)
 
     def _configure_model_object(self, model: Any) -> None:
