@@ -116,6 +116,14 @@ class TopKGating(nn.Module):
             z = F.normalize(self.w_gate(x), p=2, dim=-1)
             centroids = F.normalize(self.expert_centroids, p=2, dim=-1)
             return (z @ centroids.t()) * self.temperature.exp()
+        if self.gate_type == "mlp":
+            # w_gate's layers applied directly: the same ops without four module calls (decode calls every gate
+            # once per token and layer)
+            first, _, dropout, last = self.w_gate
+            hidden = F.gelu(F.linear(x, first.weight, first.bias))
+            if self.training and dropout.p > 0:
+                hidden = F.dropout(hidden, dropout.p, True)
+            return F.linear(hidden, last.weight)
         return self.w_gate(x)
 
     def forward(self, x: Tensor) -> Routing:
