@@ -26,8 +26,8 @@ def auto_contrastive_log_probs(
             f"{tuple(lower_logits.shape)}."
         )
     lower = lower_logits.float()
-    return auto_contrastive_log_probs_at_head(upper_logits, lambda ids: lower.gather(-1, ids), alpha,
-                                              minimum_candidates)
+    return auto_contrastive_log_probs_at_head(upper_logits, lambda ids: lower if ids is None else lower.gather(-1, ids),
+                                              alpha, minimum_candidates)
 
 
 def auto_contrastive_log_probs_at_head(
@@ -43,8 +43,8 @@ def auto_contrastive_log_probs_at_head(
     Args:
         upper_logits: ``[..., V]``.
         lower_logits_at: ``f(ids)`` with ``ids`` int64 ``[..., C]`` (vocabulary ids; C = the largest head set over
-            the positions) returning the lower exit's float32 logits ``[..., C]`` there (the dense case:
-            ``lambda ids: lower_logits.float().gather(-1, ids)``).
+            the positions) returning the lower exit's float32 logits ``[..., C]`` there; ``f(None)``: all of them,
+            ``[..., V]`` (asked instead when C > V / 4, where a gather would cost more than the full projection).
     Returns:
         ``log p_ACD`` ``[..., V]`` float32, as :func:`auto_contrastive_log_probs`.
     """
@@ -62,6 +62,9 @@ def auto_contrastive_log_probs_at_head(
     # H = the |H| most probable tokens (everything below the threshold is less probable than all of H), so the top
     # C = max |H| of every position hold its head set; the mask marks the members at positions with fewer.
     width = max(1, int(in_head.sum(-1).max())) if in_head.numel() else 1
+    if width * 4 > vocab:  # wide head sets (a flat upper distribution): the full lower logits are cheaper
+        score = (log_up - lower_logits_at(None)).masked_fill(~in_head, float("-inf"))
+        return torch.where(in_head, log_mass + torch.log_softmax(score, dim=-1), log_up)
     candidate_p, candidates = p_up.topk(width, dim=-1)  # [..., C]
     member = candidate_p >= threshold
     log_up_c = log_up.gather(-1, candidates)

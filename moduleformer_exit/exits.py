@@ -238,7 +238,9 @@ class MultiExitMixin:
                 return cfg.contrast_function(upper, lower)
             return auto_contrastive_log_probs(upper, lower, cfg.alpha, cfg.minimum_candidates)
 
-        def lower_logits_at(ids: Tensor) -> Tensor:  # [..., C]: the lower head's rows of the head set only
+        def lower_logits_at(ids: Optional[Tensor]) -> Tensor:  # [..., C]: the lower head's head-set rows only
+            if ids is None:  # all of them
+                return head_low(h_low).float()
             rows = F.embedding(ids, head_low.weight)  # [..., C, hidden]
             logits = (rows @ h_low.unsqueeze(-1)).squeeze(-1)
             return (logits if head_low.bias is None else logits + head_low.bias[ids]).float()
