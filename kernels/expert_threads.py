@@ -27,8 +27,9 @@ __all__ = ["MIN_FLOPS", "threaded_grouped_mm", "threaded_grouped_mm_wgrad"]
 
 MIN_FLOPS = 1 << 28  # below ~0.27 GFLOP the hand-off to threads costs more than the per-expert barriers it saves
 
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_lock = threading.Lock()
+_pool: Optional[ThreadPoolExecutor] = None  # helper threads (the caller's thread runs the first block)
+_pool_size = 0
+_run_lock = threading.Lock()  # one split GEMM at a time: each sets and restores the process-wide thread count
 _active = threading.local()
 
 
@@ -51,10 +52,15 @@ def _expert_blocks(offsets: list[int], blocks: int) -> list[tuple[int, int]]:
 
 def _run(jobs: list[Callable[[], None]]) -> None:
     """Run the jobs concurrently with one intra-op thread each; the caller's thread takes the first."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < len(jobs) - 1:
-            _pool = ThreadPoolExecutor(max_workers=max(1, len(jobs) - 1), thread_name_prefix="expert-gemm")
+    with _run_lock:
+        _run_locked(jobs)
+
+
+def _run_locked(jobs: list[Callable[[], None]]) -> None:
+    global _pool, _pool_size
+    if _pool is None or _pool_size < len(jobs) - 1:
+        _pool_size = max(1, len(jobs) - 1)
+        _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="expert-gemm")
     previous = torch.get_num_threads()
 
     def single_threaded(job: Callable[[], None]) -> None:
