@@ -62,12 +62,15 @@ def _run_locked(jobs: list[Callable[[], None]]) -> None:
         _pool_size = max(1, len(jobs) - 1)
         _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="expert-gemm")
     previous = torch.get_num_threads()
+    inference = torch.is_inference_mode_enabled()  # thread-local, like grad mode: carried into the helpers
 
     def single_threaded(job: Callable[[], None]) -> None:
         _active.inside = True
         torch.set_num_threads(1)  # this thread's OpenMP team; MKL's count is process-wide (set below)
         try:
-            job()
+            # the callers are custom-op implementations (below autograd): nothing here is recorded
+            with torch.inference_mode(inference), torch.no_grad():
+                job()
         finally:
             _active.inside = False
 

@@ -74,3 +74,22 @@ def test_serial_below_min_flops_and_on_one_thread(monkeypatch):
         assert expert_threads.threaded_grouped_mm(torch.nn.functional.grouped_mm, a, b, offs) is None
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+def test_moe_layer_threaded_under_every_grad_mode(threaded, mode):
+    """Grad and inference mode are thread-local: the helper threads must run as the caller's thread (an inference
+    tensor written outside inference mode, or a Parameter recorded by autograd there, raises)."""
+    from moduleformer_exit.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(16, 24, num_experts=6, top_k=2, activation=torch.nn.functional.gelu, gating_size=8)
+    x = torch.randn(2, 20, 16)
+    context = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}.get(mode)
+    with (context() if context else torch.enable_grad()):
+        y, _ = moe(x, compute_aux=False)
+    assert ("threaded_grouped_mm", True) in threaded
+    expert_threads.MIN_FLOPS = 1 << 62  # (monkeypatched: restored after the test) the serial path
+    with torch.no_grad():
+        y_serial, _ = moe(x, compute_aux=False)
+    torch.testing.assert_close(y.detach(), y_serial, atol=1e-6, rtol=1e-6)
