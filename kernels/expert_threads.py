@@ -10,10 +10,15 @@ expert, never along the contraction), so results match it to fp32 rounding.
 
 While the blocks run, the process's intra-op thread count is 1 (``torch.set_num_threads`` is process-wide); it is
 restored before returning. Small GEMMs (below :data:`MIN_FLOPS`) and traced calls keep the serial path.
+
+Opt-in (``MODULEFORMER_EXPERT_THREADS=1``, read at import, or :data:`ENABLED`): on a 2-core VM it was faster than
+the serial call while other processes competed for the cores (E=64 expert path fwd 0.49-0.54 of dense vs 0.14-0.41)
+but slower on a quieter machine (0.66-0.73 vs 0.71), so the serial call stays the default.
 """
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
@@ -23,8 +28,9 @@ from torch import Tensor
 
 from .backend import tracing
 
-__all__ = ["MIN_FLOPS", "threaded_grouped_mm", "threaded_grouped_mm_wgrad"]
+__all__ = ["ENABLED", "MIN_FLOPS", "threaded_grouped_mm", "threaded_grouped_mm_wgrad"]
 
+ENABLED = os.environ.get("MODULEFORMER_EXPERT_THREADS", "0").strip().lower() in ("1", "true", "yes", "on")
 MIN_FLOPS = 1 << 28  # below ~0.27 GFLOP the hand-off to threads costs more than the per-expert barriers it saves
 
 _pool: Optional[ThreadPoolExecutor] = None  # helper threads (the caller's thread runs the first block)
@@ -36,7 +42,7 @@ _active = threading.local()
 def _workers(flops: int, num_experts: int, device: torch.device) -> int:
     """Threads to split over (0: keep the serial call)."""
     threads = torch.get_num_threads()
-    if (device.type != "cpu" or threads < 2 or num_experts < threads or flops < MIN_FLOPS or tracing()
+    if (not ENABLED or device.type != "cpu" or threads < 2 or num_experts < threads or flops < MIN_FLOPS or tracing()
             or getattr(_active, "inside", False)):
         return 0
     return threads

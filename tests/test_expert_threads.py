@@ -1,6 +1,6 @@
 """Grouped GEMMs split across threads by expert (kernels.expert_threads), through the torch expert linear: outputs
 and gradients against an independent float64 per-(token, slot) loop, on routings with empty and overloaded experts.
-``MIN_FLOPS`` is lowered so that these small shapes take the threaded path (a spy checks it ran)."""
+The path is enabled and ``MIN_FLOPS`` lowered so that these small shapes take it (a spy checks it ran)."""
 import pytest
 import torch
 
@@ -23,6 +23,7 @@ def threaded(monkeypatch):
             return out
         monkeypatch.setattr(f"moduleformer_exit.kernels.torch_expert_linear.{name}", spy)
     monkeypatch.setattr(expert_threads, "MIN_FLOPS", 0)
+    monkeypatch.setattr(expert_threads, "ENABLED", True)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     yield calls
@@ -63,14 +64,19 @@ def test_blocks_cover_every_expert_once_with_balanced_rows():
         assert sum(rows) == offsets[-1] and max(rows) <= offsets[-1] // blocks + 7  # within one expert's rows
 
 
-def test_serial_below_min_flops_and_on_one_thread(monkeypatch):
+def test_serial_when_disabled_below_min_flops_and_on_one_thread(monkeypatch):
     a, b = torch.randn(8, 16), torch.randn(2, 16, 8)
     offs = torch.tensor([3, 8], dtype=torch.int32)
     assert expert_threads.threaded_grouped_mm(torch.nn.functional.grouped_mm, a, b, offs) is None  # tiny
     monkeypatch.setattr(expert_threads, "MIN_FLOPS", 0)
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(expert_threads, "ENABLED", False)  # the default: opt-in only
+        assert expert_threads.threaded_grouped_mm(torch.nn.functional.grouped_mm, a, b, offs) is None
+        monkeypatch.setattr(expert_threads, "ENABLED", True)
+        assert expert_threads.threaded_grouped_mm(torch.nn.functional.grouped_mm, a, b, offs) is not None
+        torch.set_num_threads(1)
         assert expert_threads.threaded_grouped_mm(torch.nn.functional.grouped_mm, a, b, offs) is None
     finally:
         torch.set_num_threads(previous)
