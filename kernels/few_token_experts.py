@@ -9,8 +9,10 @@ multiplies its row by its expert's matrix directly:
 - elsewhere (CUDA, or while torch.compile / torch.export trace): ``weight[top_k_indices]`` gathers the selected
   slices ([N, k, in, out]) and one batched matmul runs over them (no host read, no data-dependent control flow).
 
-Same results as :func:`kernels.expert_linear.expert_linear` up to fp32 rounding. Inference only: the CPU loop writes
-into preallocated outputs, so callers use it when no gradient is needed (the MoE layer checks).
+On the CPU loop the reduce's gate-weighted sum accumulates in place (``addmm_`` with the host-read gates as
+``alpha``), so no ``[N, k, out]`` intermediate is written. Same results as :func:`kernels.expert_linear.expert_linear`
+up to fp32 rounding. Inference only: the CPU loop writes into preallocated outputs, so callers use it when no
+gradient is needed (the MoE layer checks).
 """
 from __future__ import annotations
 
@@ -42,13 +44,13 @@ def few_token_map(x: Tensor, weight: Tensor, top_k_indices: Tensor) -> Tensor:
     if not _host_loop(x):
         w = weight[top_k_indices.reshape(-1)]  # [N*k, in, out] gathered slices
         return torch.bmm(x.repeat_interleave(k, 0).unsqueeze(1), w).view(n, k, -1)
-    out = x.new_empty(n, k, weight.shape[2])
+    out = x.new_empty(n * k, weight.shape[2])  # pair rows p = t*k + j
     ids = top_k_indices.tolist()  # CPU: a memory read, not a device sync
-    for t in range(n):
-        xt = x[t:t + 1]
-        for j, e in enumerate(ids[t]):
-            torch.mm(xt, weight[e], out=out[t, j:j + 1])
-    return out
+    for t, row in enumerate(ids):
+        xt = x if n == 1 else x[t:t + 1]
+        for j, e in enumerate(row):
+            torch.mm(xt, weight[e], out=out[t * k + j:t * k + j + 1])
+    return out.view(n, k, -1)
 
 
 def few_token_reduce(h: Tensor, weight: Tensor, top_k_indices: Tensor, gates: Tensor) -> Tensor:
@@ -65,9 +67,12 @@ def few_token_reduce(h: Tensor, weight: Tensor, top_k_indices: Tensor, gates: Te
         w = weight[top_k_indices.reshape(-1)]  # [N*k, in, out]
         y = torch.bmm(h.reshape(n * k, 1, -1), w).view(n, k, -1)  # [N, k, out]
         return torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)  # gate-weighted sum over the k slots
-    out = h.new_empty(n, k, weight.shape[2])
-    ids = top_k_indices.tolist()
-    for t in range(n):
-        for j, e in enumerate(ids[t]):
-            torch.mm(h[t, j:j + 1], weight[e], out=out[t, j:j + 1])
-    return torch.bmm(gates.to(out.dtype).unsqueeze(1), out).squeeze(1)  # [N, out]
+    out = h.new_empty(n, weight.shape[2])
+    pairs = h.reshape(n * k, -1)
+    ids, weights = top_k_indices.tolist(), gates.tolist()
+    for t, (row, g) in enumerate(zip(ids, weights)):
+        yt = out if n == 1 else out[t:t + 1]
+        torch.mm(pairs[t * k:t * k + 1], weight[row[0]], out=yt).mul_(g[0])
+        for j in range(1, k):  # y += g_j * h_j W[e_j], accumulated in place (no [N, k, out] intermediate)
+            yt.addmm_(pairs[t * k + j:t * k + j + 1], weight[row[j]], alpha=g[j])
+    return out

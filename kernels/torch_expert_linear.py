@@ -4,7 +4,8 @@ The dispatcher is :func:`kernels.expert_linear.expert_linear` (shapes and semant
 are ``torch.library`` custom ops (traceable by torch.compile / torch.export); the op saves x, weight and gates
 only, and the backward is hand-written (dW = grouped Xᵀ·dY, dX = grouped dY·Wᵀ, gates folded into dY rows).
 Layouts ``F.grouped_mm`` refuses (fp64, feature dims not a multiple of 16 bytes) use a per-expert loop fallback
-that reads the expert counts back to the host.
+that reads the expert counts back to the host. Large CPU grouped GEMMs with several intra-op threads run as one
+single-threaded grouped GEMM per thread over a block of experts (:mod:`kernels.expert_threads`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from .backend import tracing
 from .checks import check_expert_linear_args
+from .expert_threads import threaded_grouped_mm, threaded_grouped_mm_wgrad
 from .routing import RoutingPlan
 
 __all__ = ["torch_expert_linear"]
@@ -203,7 +205,8 @@ def _grouped_mm(a: Tensor, b: Tensor, plan: RoutingPlan) -> Tensor:
     """``[P, K] x [E, K, N] -> [P, N]``: rows of expert e (grouped order) times ``b[e]``."""
     a_ok, b_ok = _gmm_operand(a), _gmm_operand(b)
     if a_ok is not None and b_ok is not None and a.dtype == b.dtype:
-        return _GROUPED_MM(a_ok, b_ok, offs=plan.expert_offsets_i32)
+        out = threaded_grouped_mm(_GROUPED_MM, a_ok, b_ok, plan.expert_offsets_i32)  # CPU, large: experts / thread
+        return out if out is not None else _GROUPED_MM(a_ok, b_ok, offs=plan.expert_offsets_i32)
     out = a.new_empty(a.shape[0], b.shape[2])
     start = 0
     for e, count in enumerate(plan.expert_counts.tolist()):  # fallback only (fp64 / odd dims): host sync
@@ -218,7 +221,9 @@ def _grouped_mm_wgrad(x_s: Tensor, dy_s: Tensor, plan: RoutingPlan, weight: Tens
     grouped_mm's 2D x 2D form splits the contraction dim by ``offs``, which is exactly this."""
     a_ok, b_ok = _gmm_operand(x_s.t()), _gmm_operand(dy_s)
     if a_ok is not None and b_ok is not None and x_s.dtype == dy_s.dtype:
-        dw = _GROUPED_MM(a_ok, b_ok, offs=plan.expert_offsets_i32)
+        dw = threaded_grouped_mm_wgrad(_GROUPED_MM, a_ok, b_ok, plan.expert_offsets_i32, plan.num_experts)
+        if dw is None:
+            dw = _GROUPED_MM(a_ok, b_ok, offs=plan.expert_offsets_i32)
     else:
         dw = x_s.new_zeros(plan.num_experts, x_s.shape[1], dy_s.shape[1])
         start = 0

@@ -304,8 +304,10 @@ def _direct(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: floa
     B, T, K, H, D = q.shape
     S = k.shape[1]
     cdt = _compute_dtype(q.dtype)
-    qh = q.permute(0, 3, 1, 2, 4).reshape(B, H, T * K, D).to(cdt) * (scale * _INV_LN2)
-    L = torch.matmul(qh, k.permute(0, 2, 3, 1).to(cdt)).clamp(-_L_CLAMP, _L_CLAMP)  # [B, H, T*K, S] base-2
+    if not q.dtype == k.dtype == v.dtype == cdt:  # (fp32 inputs: no conversion calls)
+        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    qh = q.permute(0, 3, 1, 2, 4).reshape(B, H, T * K, D) * (scale * _INV_LN2)
+    L = torch.matmul(qh, k.permute(0, 2, 3, 1)).clamp(-_L_CLAMP, _L_CLAMP)  # [B, H, T*K, S] base-2
     vis = None  # T = 1 without a mask (plain decode): every key is visible, so no masking passes at all
     if T > 1:
         row_pos = torch.arange(S - T, S, device=q.device).repeat_interleave(K)  # absolute position of each row
@@ -317,10 +319,10 @@ def _direct(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: floa
     if vis is not None:
         sp = sp * vis  # 0 where invisible: those keys do not break the stick
     cs = sp.flip(-1).cumsum(-1).flip(-1)  # sum_{m >= j} (inclusive, towards the diagonal)
-    A = torch.exp2((L - cs * _INV_LN2).clamp(min=_LOGA_MIN))
+    A = torch.exp2(torch.sub(L, cs, alpha=_INV_LN2).clamp(min=_LOGA_MIN))  # log2 A = L - cs / ln 2
     if vis is not None:
         A = A * vis
-    out = torch.matmul(A, v.permute(0, 2, 1, 3).to(cdt))  # [B, H, T*K, D]
+    out = torch.matmul(A, v.permute(0, 2, 1, 3))  # [B, H, T*K, D]
     return out.view(B, H, T, K, D).permute(0, 2, 3, 1, 4).contiguous()
 
 

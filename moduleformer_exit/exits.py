@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .contrast import auto_contrastive_log_probs
+from .contrast import auto_contrastive_log_probs, auto_contrastive_log_probs_at_head
 from .hf_compat import cache_kwargs, output_cache, pick_cache, reject_unknown_kwargs
 from .multi_exit_config import ORIGINAL, MultiExitConfiguration, VocabularyProjectionMode
 
@@ -263,16 +264,33 @@ class MultiExitMixin:
     def output_logits(self, hidden_states: tuple[Tensor, ...]) -> Tensor:
         """The configured output: original logits, exit k's raw logits, or the contrast of two exits. Only the
         positions in ``hidden_states`` are projected (the forward passes the ``logits_to_keep`` slice: the last
-        position when generating)."""
+        position when generating). ACD projects the lower exit only onto the upper exit's head set (its few
+        candidate tokens; :func:`~moduleformer_exit.contrast.auto_contrastive_log_probs_at_head`), so a decode step
+        reads one full vocabulary projection, not two."""
         cfg = self.multi_exit_config
         if cfg.use_original_head:
             return self.exit_logits(hidden_states, ORIGINAL)
         if cfg.contrast_layer_indices is None:
             return self.exit_logits(hidden_states, cfg.output_layer_index)
-        upper, lower = self.contrast_pair_logits(hidden_states, *cfg.contrast_layer_indices)
-        if cfg.contrast_function is not None:
-            return cfg.contrast_function(upper, lower)
-        return auto_contrastive_log_probs(upper, lower, cfg.alpha, cfg.minimum_candidates)
+        (h_up, head_up), (h_low, head_low) = (self._exit_projection(hidden_states, layer)
+                                              for layer in cfg.contrast_layer_indices)
+        # the lower head's rows are read directly: a ZeRO-3 partitioned head (ds_id) is gathered only by its forward
+        if (cfg.contrast_function is not None or not isinstance(head_low, nn.Linear)
+                or hasattr(head_low.weight, "ds_id")):
+            upper, lower = self.contrast_pair_logits(hidden_states, *cfg.contrast_layer_indices)
+            if cfg.contrast_function is not None:
+                return cfg.contrast_function(upper, lower)
+            return auto_contrastive_log_probs(upper, lower, cfg.alpha, cfg.minimum_candidates)
+
+        def lower_logits_at(ids: Optional[Tensor]) -> Tensor:  # [..., C]: the lower head's head-set rows only
+            if ids is None:  # all of them
+                return head_low(h_low).float()
+            rows = F.embedding(ids, head_low.weight)  # [..., C, hidden]
+            logits = (rows @ h_low.unsqueeze(-1)).squeeze(-1)
+            return (logits if head_low.bias is None else logits + head_low.bias[ids]).float()
+
+        return auto_contrastive_log_probs_at_head(head_up(h_up).float(), lower_logits_at, cfg.alpha,
+                                                  cfg.minimum_candidates)
 
     def exit_losses(self, hidden_states: tuple[Tensor, ...], labels: Tensor,
                     num_items_in_batch: Optional[Tensor | int] = None) -> dict[int, Tensor]:

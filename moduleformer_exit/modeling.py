@@ -29,6 +29,7 @@ from .attention import ModuleFormerAttention
 from .configuration import ModuleFormerConfig
 from .gates import TopKGating
 from .hf_compat import cache_kwargs, output_cache, pick_cache, reject_unknown_kwargs
+from .kv_cache import use_growing_layers
 from .moe import MoE, ParallelExperts
 
 logger = logging.get_logger(__name__)
@@ -68,6 +69,12 @@ def _sum_optional(total: Optional[Tensor], value: Optional[Tensor]) -> Optional[
     return value if total is None else total + value
 
 
+def _activation(name: str) -> nn.Module:
+    """transformers' activation ``name``; ``gelu_new`` (GPT-2's tanh GELU, seven elementwise ops) as the same
+    function in one fused op (``gelu_pytorch_tanh``: equally close to a float64 ``gelu_new``, 4e-7)."""
+    return get_activation("gelu_pytorch_tanh" if name == "gelu_new" else name)
+
+
 class ModuleFormerBlock(GradientCheckpointingLayer):
     """Pre-LayerNorm block: ``x + MoA(ln_1(x))`` then ``x + MoE-MLP(ln_2(x))``."""
 
@@ -82,7 +89,7 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
             num_experts=config.mlp_experts_at(layer_idx),
             top_k=config.k_mlp,
             bias=False,
-            activation=get_activation(config.activation_function),
+            activation=_activation(config.activation_function),
             gating_dropout=config.moe_pdrop,
             sample_topk=config.sample_topk,
             gating_size=config.gating_size,
@@ -91,6 +98,9 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
             kernel_backend=config.kernel_backend,
         )
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        return self.resid_dropout(x) if self.training else x  # eval: no module call per token and layer
 
     def forward(
         self,
@@ -106,9 +116,9 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
         attn_out, att_aux, att_logits, weights = self.attn(
             self.ln_1(hidden_states), attention_mask, cache, compute_aux, output_attentions
         )
-        hidden_states = hidden_states + self.resid_dropout(attn_out)
+        hidden_states = hidden_states + self._dropout(attn_out)
         mlp_out, mlp_aux, mlp_routing = self.mlpf(self.ln_2(hidden_states), compute_aux, return_routing=True)
-        hidden_states = hidden_states + self.resid_dropout(mlp_out)
+        hidden_states = hidden_states + self._dropout(mlp_out)
         return hidden_states, _sum_optional(att_aux, mlp_aux), (att_logits, mlp_routing.logits), weights
 
 
@@ -267,6 +277,8 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
             hidden_states = hidden_states + self.wte(token_type_ids)
         hidden_states = self.drop(hidden_states)
         past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            use_growing_layers(cache)  # in-place appends instead of DynamicLayer's per-step concatenation
         attention_mask = self._prepare_attention_mask(attention_mask, hidden_states.shape[0],
                                                       past + hidden_states.shape[1])
 

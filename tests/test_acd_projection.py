@@ -50,11 +50,18 @@ def test_acd_logits_match_float64_reference_at_kept_positions(mode, pair):
         torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_shared_head_is_read_once_per_step():
-    """Shared projection: the two exits go through lm_head in ONE call (weights read once)."""
-    model = _make("shared_projection_direct", ("original", 2))
+@pytest.mark.parametrize("mode", ["layer_specific_projection", "shared_projection_direct"])
+def test_one_full_vocabulary_projection_per_step(mode):
+    """ACD reads the upper exit's head in full once; the lower exit only at the head set's rows (no module call;
+    a flat upper distribution, whose head set is most of the vocabulary, projects the lower exit in full)."""
+    model = _make(mode, ("original", 2))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200.0)  # a peaked upper exit, as trained ones are: a head set of a few tokens
     calls = []
-    model.lm_head.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    heads = [model.lm_head] + (list(model.name_to_lm_exit_head.values()) if mode == "layer_specific_projection"
+                               else [])
+    for head in heads:
+        head.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
     with torch.no_grad():
         model(torch.randint(3, 97, (1, 5)), logits_to_keep=1)
-    assert calls == [(2, 1, 1, 32)]  # both exits stacked, last position only
+    assert calls == [(1, 1, 32)]  # lm_head ("original"), last position only

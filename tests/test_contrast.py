@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from moduleformer_exit.contrast import auto_contrastive_log_probs
+from moduleformer_exit.contrast import auto_contrastive_log_probs, auto_contrastive_log_probs_at_head
 
 
 def literal_acd(upper, lower, alpha, minimum_candidates):
@@ -73,3 +73,27 @@ def test_bad_arguments():
         auto_contrastive_log_probs(torch.zeros(5), torch.zeros(5), alpha=1.5)
     with pytest.raises(ValueError, match="minimum_candidates"):
         auto_contrastive_log_probs(torch.zeros(5), torch.zeros(5), minimum_candidates=6)
+
+
+@pytest.mark.parametrize("alpha, mc, narrow", [(0.1, 1, True), (0.5, 4, True), (0.0, 1, False)])
+def test_at_head_asks_only_for_head_candidates_and_matches_literal(alpha, mc, narrow):
+    """The head-set form: lower logits requested at the C = max |H| most probable ids only (all of them when
+    C > V / 4); a per-position constant offset of the lower logits (an unnormalised head) changes nothing."""
+    g = torch.Generator().manual_seed(7)
+    upper, lower = torch.randn(3, 4, 40, generator=g) * 4, torch.randn(3, 4, 40, generator=g) * 2
+    offset = torch.randn(3, 4, 1, generator=g) * 50
+    asked = []
+
+    def lower_at(ids):
+        asked.append(ids)
+        return lower + offset if ids is None else (lower + offset).gather(-1, ids)
+
+    got = auto_contrastive_log_probs_at_head(upper, lower_at, alpha, mc)
+    p_up = upper.softmax(-1)
+    threshold = torch.minimum(alpha * p_up.amax(-1, keepdim=True), p_up.topk(mc, -1).values[..., -1:])
+    width = int((p_up >= threshold).sum(-1).max())
+    assert len(asked) == 1 and (width * 4 <= 40) == narrow
+    assert asked[0] is None if not narrow else asked[0].shape == (3, 4, width)
+    for row_up, row_low, row_got in zip(upper.reshape(-1, 40), lower.reshape(-1, 40), got.reshape(-1, 40)):
+        want = torch.tensor(literal_acd(row_up, row_low, alpha, mc), dtype=torch.float64)
+        torch.testing.assert_close(row_got.double(), want, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,9 @@ from ..modeling import ModuleFormerForCausalLM
 from .timing import process_settings, time_calls
 
 
+HEAD_SCALE = 20.0  # random-init heads x 20: logits of std ~9 instead of ~0.45 (bench_acd_decode)
+
+
 def active_parameters(config: ModuleFormerConfig) -> int:
     """Parameters one decoded token reads (from :mod:`moduleformer_exit.accounting`): the active non-embedding
     parameters plus ``lm_head`` (of the embedding table it reads one row)."""
@@ -66,6 +69,10 @@ def bench_acd_decode(
     Rows: ``plain`` (``ModuleFormerForCausalLM``), ``multi-exit original`` (the wrapper with ``use_original_head``),
     ``ACD original,L/2`` and ``ACD L,L/2``; ``overhead`` = time / plain time - 1. Runs are interleaved and the best
     of ``repeats`` is kept, so machine noise hits every row alike.
+
+    Every vocabulary head is scaled by ``HEAD_SCALE`` so that its next-token distribution is peaked like a trained
+    model's: ACD projects the lower exit only onto the upper exit's head set, a few tokens for a trained model but
+    most of the vocabulary for random-init heads (whose logits are nearly flat), which would time another workload.
     """
     from ..multi_exit_config import MultiExitConfiguration
     from ..multi_exit_models import MultiExitModuleFormer
@@ -76,6 +83,10 @@ def bench_acd_decode(
     plain = ModuleFormerForCausalLM(config).eval()
     multi = MultiExitModuleFormer(config, multi_exit_config=MultiExitConfiguration(
         lm_head_layer_indices=(middle, config.n_layer))).eval()
+    with torch.no_grad():  # peaked heads, as trained ones (see the docstring)
+        plain.lm_head.weight.mul_(HEAD_SCALE)
+        for head in multi.name_to_lm_exit_head.values():
+            head.weight.mul_(HEAD_SCALE)
     multi.load_state_dict(plain.state_dict(), strict=False)
     variants = {
         "plain": (plain, None),

@@ -80,7 +80,9 @@ def bench_moe_mlp(
     """Time the expert MLP against its equal-FLOPs dense FFN; one dict per shape ``(N, d, h, E, k)`` with keys
     ``N, d, h, E, k, fwd_moe_ms, fwd_dense_ms, fwd_eff, fwdbwd_moe_ms, fwdbwd_dense_ms, fwdbwd_eff`` (medians over
     ``repeats`` after ``warmup``; eff = dense / MoE), ``fwd_eff_best, fwdbwd_eff_best`` (the same ratio of the
-    fastest repeats), plus ``naive_fwd_ms, naive_fwdbwd_ms`` when ``naive``.
+    fastest repeats), ``layer_fwd_ms, layer_fwd_eff, layer_fwdbwd_ms, layer_fwdbwd_eff`` (the whole ``MoE`` layer:
+    router, aux loss and experts on its own routing; fastest repeats; eff = dense / layer), plus
+    ``naive_fwd_ms, naive_fwdbwd_ms`` when ``naive``.
 
     Forward runs under ``no_grad``; forward+backward backpropagates a fixed random cotangent into x, both weights
     and (MoE) the gates. The variants are interleaved within each repeat so machine noise hits them alike.
@@ -89,6 +91,19 @@ def bench_moe_mlp(
     # each fresh 32 MB tensor otherwise costs ~30 ms of page faults, which swamps memory-bound ops.
     with process_settings(threads=threads, malloc_threshold=(1 << 30) if malloc_tuning else None):
         return [_bench_shape(*s, repeats=repeats, warmup=warmup, dtype=dtype, naive=naive, seed=seed) for s in shapes]
+
+
+def _moe_layer(d: int, h: int, e: int, k: int, w1, w2, dtype: torch.dtype):
+    """A ModuleFormer MLP ``MoE`` (mlp router of width 256, ``mi`` aux loss, gelu_new) with the bench's expert
+    weights, in training mode without dropout or sampling (the router is part of the timed layer)."""
+    from ..modeling import _activation
+    from ..moe import MoE
+
+    layer = MoE(d, h, num_experts=e, top_k=k, activation=_activation("gelu_new"), gating_size=256).to(dtype)
+    with torch.no_grad():
+        layer.experts.weight.copy_(w1)
+        layer.output_experts.weight.copy_(w2)
+    return layer.train()
 
 
 def _bench_shape(n, d, h, e, k, *, repeats, warmup, dtype, naive, seed) -> dict:
@@ -124,11 +139,27 @@ def _bench_shape(n, d, h, e, k, *, repeats, warmup, dtype, naive, seed) -> dict:
 
     moe = lambda: moe_mlp_forward(x, w1, w2, plan, gates)  # noqa: E731
     dense = lambda: dense_mlp_forward(xd, w1d, w2d)  # noqa: E731
+    layer = _moe_layer(d, h, e, k, w1, w2, dtype)
+    xl = x.detach().clone().view(1, n, d).requires_grad_()
+    layer_params = (xl, *layer.parameters())
+
+    def layer_forward():  # the whole layer: router, aux loss, experts; backward through y and the aux loss
+        y, aux = layer(xl, compute_aux=torch.is_grad_enabled())
+        return y.view(n, d) if aux is None else (y.view(n, d), aux)
+
+    def layer_fwd_bwd():
+        for p in layer_params:
+            p.grad = None
+        y, aux = layer_forward()
+        ((y * cot).sum() + aux).backward()
+
     fns = {
         "fwd_dense": no_grad(dense),
         "fwd_moe": no_grad(moe),
+        "fwd_layer": no_grad(layer_forward),
         "fwdbwd_dense": fwd_bwd(dense, dense_params, cotd),
         "fwdbwd_moe": fwd_bwd(moe, moe_params, cot),
+        "fwdbwd_layer": layer_fwd_bwd,
     }
     if naive:
         nv = lambda: naive_moe_mlp_forward(x, w1, w2, idx, gates)  # noqa: E731
@@ -144,6 +175,9 @@ def _bench_shape(n, d, h, e, k, *, repeats, warmup, dtype, naive, seed) -> dict:
         row[f"{phase}_eff"] = round(med[f"{phase}_dense"] / med[f"{phase}_moe"], 3)
     for phase in ("fwd", "fwdbwd"):  # best-of-repeats: less sensitive to other processes on a shared machine
         row[f"{phase}_eff_best"] = round(best[f"{phase}_dense"] / best[f"{phase}_moe"], 3)
+    for phase in ("fwd", "fwdbwd"):  # the whole layer (router + aux loss + experts), fastest repeats
+        row[f"layer_{phase}_ms"] = round(best[f"{phase}_layer"], 2)
+        row[f"layer_{phase}_eff"] = round(best[f"{phase}_dense"] / best[f"{phase}_layer"], 3)
     if naive:
         row["naive_fwd_ms"] = round(med["naive_fwd"], 2)
         row["naive_fwdbwd_ms"] = round(med["naive_fwdbwd"], 2)

@@ -181,6 +181,7 @@ SECTIONS: dict[str, Section] = {
         "loop over experts)",
         [("N", "d"), ("d", "d"), ("h", "d"), ("E", "d"), ("k", "d"), ("fwd_moe_ms", ".1f"), ("fwd_dense_ms", ".1f"),
          ("fwd_eff", ".2f"), ("fwdbwd_moe_ms", ".1f"), ("fwdbwd_dense_ms", ".1f"), ("fwdbwd_eff", ".2f"),
+         ("layer_fwd_eff", ".2f"), ("layer_fwdbwd_eff", ".2f"),
          ("naive_fwd_ms", ".1f"), ("naive_fwdbwd_ms", ".1f")], _moe),
     "attention": Section(
         "Stick-breaking attention fwd vs SDPA(is_causal) (B=1, 16 query heads, head_dim 64, N(0,1) inputs)",
