@@ -51,17 +51,39 @@ def test_acd_logits_match_float64_reference_at_kept_positions(mode, pair):
 
 
 @pytest.mark.parametrize("mode", ["layer_specific_projection", "shared_projection_direct"])
-def test_one_full_vocabulary_projection_per_step(mode):
+def test_one_full_vocabulary_projection_per_step(mode, monkeypatch):
     """ACD reads the upper exit's head in full once; the lower exit only at the head set's rows (no module call;
     a flat upper distribution, whose head set is most of the vocabulary, projects the lower exit in full)."""
     model = _make(mode, ("original", 2))
     with torch.no_grad():
         model.lm_head.weight.mul_(200.0)  # a peaked upper exit, as trained ones are: a head set of a few tokens
     calls = []
-    heads = [model.lm_head] + (list(model.name_to_lm_exit_head.values()) if mode == "layer_specific_projection"
-                               else [])
-    for head in heads:
-        head.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    heads = {id(model.lm_head)} | ({id(h) for h in model.name_to_lm_exit_head.values()}
+                                   if mode == "layer_specific_projection" else set())
+    linear_forward = torch.nn.Linear.forward
+
+    def counting_forward(self, x):  # counts vocabulary projections without hooks (a hooked head is not read raw)
+        if id(self) in heads:
+            calls.append(tuple(x.shape))
+        return linear_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting_forward)
     with torch.no_grad():
         model(torch.randint(3, 97, (1, 5)), logits_to_keep=1)
     assert calls == [(1, 1, 32)]  # lm_head ("original"), last position only
+
+
+def test_hooked_lower_head_is_called_not_read():
+    """A lower head with a forward hook (accelerate offloading, user hooks) goes through its forward: the hook
+    fires and the output still equals the float64 reference."""
+    model = _make("layer_specific_projection", (4, 1))
+    with torch.no_grad():  # a peaked upper exit (a head set of a few tokens), where the lower head is read sparsely
+        model.name_to_lm_exit_head["lm_head_4"].weight.mul_(200.0)
+    fired = []
+    model.name_to_lm_exit_head["lm_head_1"].register_forward_hook(lambda mod, inp, out: fired.append(True))
+    x = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+    assert fired
+    up, low = (_ref_logits(model, out.hidden_states, layer) for layer in (4, 1))
+    torch.testing.assert_close(out.logits, auto_contrastive_log_probs(up, low).float(), atol=1e-5, rtol=1e-5)
