@@ -379,3 +379,40 @@ def test_exits_loss_weight_scales_the_exit_losses(loss_weight):
     assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     parts = loss_parts(out)
     assert float(parts["ce"]) == pytest.approx(float(final), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- init_from
+def test_init_from_continues_a_trained_run_and_bundled_continuation_recipes_validate(tmp_path, corpus):
+    """``training.init_from`` starts from the checkpoint's weights (a near-zero lr keeps them: the continued final
+    equals the first run's final, which a fresh init would not); the bundled recipes that continue another run
+    (early-exit-8l-layerskip) validate once their input run exists."""
+    from safetensors.torch import load_file
+
+    from moduleformer_exit.training import pretrain
+    from moduleformer_exit.training.recipe import list_recipes
+
+    data = f"data.files={json.dumps([corpus])}"
+    first = tmp_path / "first"
+    assert pretrain.main(["tiny", "--output-dir", str(first), "--set", data, "--set", "training.max_steps=2",
+                          "--set", "training.warmup_steps=0"]) == 0
+    second = tmp_path / "second"
+    sets = [data, "model={}", f"training.init_from={json.dumps(str(first / 'final'))}",
+            f"data.tokenizer={json.dumps(str(first / 'tokenizer'))}", 'exits.loss="layerskip"',
+            "training.max_steps=1", "training.warmup_steps=0", "training.lr=1e-12", "training.weight_decay=0"]
+    assert pretrain.main(["tiny", "--output-dir", str(second), *sum((["--set", s] for s in sets), [])]) == 0
+    before, after = (load_file(str(d / "final" / "model.safetensors")) for d in (first, second))
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=1e-6, rtol=0, msg=name)
+    continuation = [n for n in list_recipes() if load_recipe_raw(n)["training"].get("init_from")]
+    assert "early-exit-8l-layerskip" in continuation
+    for name in continuation:
+        load_recipe(name, [f"training.init_from={json.dumps(str(first / 'final'))}",
+                           f"data.tokenizer={json.dumps(str(first / 'tokenizer'))}", "exits.layers=[1]"])
+
+
+def load_recipe_raw(name):
+    from moduleformer_exit.training.recipe import bundled_recipe_path
+
+    with open(bundled_recipe_path(name), encoding="utf-8") as f:
+        return json.load(f)

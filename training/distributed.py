@@ -121,6 +121,26 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _forget_deepspeed_groups()
     _STORE = None
     while _ADDED_ENV:
         os.environ.pop(_ADDED_ENV.pop(), None)
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop the process groups DeepSpeed caches at module level (its clone of the world group, the expert and
+    expert-data-parallel groups): they die with the process group, and a second run in the same process (a notebook,
+    a test) would otherwise broadcast over a destroyed group ("Group ... is not registered"). DeepSpeed has no public
+    reset, so this names its module globals; a release without them is left alone."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
