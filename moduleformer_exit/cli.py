@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--early-exit-model", default=None,
                        help="early-exit section: comma-separated trained multi-exit model directories (default: "
                             "runs/<name>/final of the recipes early-exit-8l, early-exit-8l-layerskip, "
-                            "early-exit-neo-8l)")
+                            "early-exit-neo-8l, trained there on first use)")
     bench.add_argument("--early-exit-plot", help="early-exit section: write the speed/quality PNG here")
     bench.set_defaults(func=run_bench)
     gen = sub.add_parser("generate", help="generate text (original head, one exit with --exit, or ACD with --contrast)")
