@@ -50,3 +50,15 @@ def tiny_model(tiny_config):
         return ModuleFormerForCausalLM(tiny_config(**overrides)).eval()
 
     return make
+
+
+def child_process_env(tmp) -> dict:
+    """Environment for a training child process (torchrun / deepspeed launcher): one thread, CPU DeepSpeed, offline,
+    unbuffered, extensions under ``tmp``, and no inherited rendezvous variables (the launcher sets its own)."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=os.path.join(str(tmp), "torch_extensions"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env

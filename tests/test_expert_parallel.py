@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import child_process_env
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("datasets")
@@ -17,19 +18,11 @@ HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
 TOL = 1e-5  # fp32, relative to each tensor's largest entry
 
 
-def _env(tmp):
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _torchrun(tmp, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, env=_env(tmp), cwd=str(tmp), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=child_process_env(tmp), cwd=str(tmp), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import child_process_env
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("datasets")
@@ -18,18 +19,10 @@ KILLER = os.path.join(os.path.dirname(__file__), "helpers", "kill_pretrain.py")
 STEPS = 8  # tiny recipe: checkpoints at steps 3, 6 and 8 (save_interval 3 + the end)
 
 
-def _env(tmp_root):
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=str(tmp_root / "torch_extensions"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _pretrain(tmp_root, out, *extra, fault=None, nproc=1, sets=()):
-    env = _env(tmp_root)
+    env = child_process_env(tmp_root)
     args = ["tiny", "--output-dir", str(out), "--no-progress", "--set", f"data.files=[\"{tmp_root / 'corpus.txt'}\"]",
             "--set", f"training.max_steps={STEPS}", "--set", "training.eval_interval=4"]
     for s in sets:
@@ -167,7 +160,7 @@ def test_export_loads_with_automodel_in_fresh_process(root, reference):
         "    gen = m.generate(ids, max_new_tokens=5, do_sample=False)\n"
         f"torch.save({{'ids': ids, 'logits': logits, 'gen': gen}}, {str(root / 'fresh.pt')!r})\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(root), cwd=str(root), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], env=child_process_env(root), cwd=str(root), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = torch.load(root / "fresh.pt", weights_only=True)
@@ -252,7 +245,7 @@ def test_finetune_hf_trainer_deepspeed_zero3_two_processes(root, reference, tmp_
            "moduleformer_exit.training.finetune", "--model", str(reference / "final"), "--data",
            str(root / "corpus.txt"), "--output-dir", str(out), "--block-size", "32", "--max-steps", "3",
            "--batch-size", "4", "--deepspeed", str(ds)]
-    proc = subprocess.run(cmd, env=_env(root), cwd=str(root), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=child_process_env(root), cwd=str(root), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from transformers import AutoModelForCausalLM
 

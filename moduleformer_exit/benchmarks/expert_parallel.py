@@ -30,6 +30,8 @@ import tempfile
 import time
 from typing import Optional
 
+from .process_memory import peak_rss_mb, rss_mb
+
 DEFAULT_MODEL = dict(vocab_size=2048, n_embd=256, n_layer=4, n_head=4, att_hidden=128, ffd_hidden=512,
                      n_att_experts=16, k_att=2, n_mlp_experts=32, k_mlp=2, gating_size=64, block_size=128,
                      history_length=128, aux_loss_weight=0.01, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -41,16 +43,6 @@ MEASURED_COLUMNS = [("ep_size", "d"), ("rank", "d"), ("local_params", ",d"), ("s
 MODEL_COLUMNS = [("strategy", ""), ("gpus", "d"), ("weights_gb", ".2f"), ("grads_gb", ".2f"), ("optimizer_gb", ".2f"),
                  ("total_gb", ".2f"), ("layer_gather_gb", ".2f")]
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child(spec: dict) -> dict:
@@ -66,7 +58,7 @@ def _child(spec: dict) -> dict:
     deepspeed = init_deepspeed_distributed()
     import deepspeed.comm as dist
 
-    base_rss = _rss_mb()
+    base_rss = rss_mb()
     torch.manual_seed(0)
     config = ModuleFormerConfig(**spec["model"])
     config.lm_loss_weight = 1.0
@@ -102,7 +94,7 @@ def _child(spec: dict) -> dict:
                                                                                      model.parameters()),
            "step_ms": 1000 * seconds / spec["steps"],
            "tokens_per_s": spec["batch_size"] * spec["seq_len"] * spec["steps"] * world / seconds,
-           "peak_rss_mb": _peak_rss_mb(), "peak_delta_mb": _peak_rss_mb() - base_rss}
+           "peak_rss_mb": peak_rss_mb(), "peak_delta_mb": peak_rss_mb() - base_rss}
     rows = [None] * world
     dist.all_gather_object(rows, row)
     return rows

@@ -18,20 +18,12 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
+from .process_memory import peak_rss_mb, rss_mb
+
 DEFAULT_MODEL = dict(vocab_size=2048, n_embd=128, n_layer=4, n_head=4, att_hidden=64, ffd_hidden=128,
                      n_att_experts=8, k_att=2, n_mlp_experts=8, k_mlp=2, gating_size=32, block_size=128,
                      history_length=128, aux_loss_weight=0.01, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child(spec: dict) -> dict:
@@ -49,7 +41,7 @@ def _child(spec: dict) -> dict:
 
         deepspeed = init_deepspeed_distributed()
         import deepspeed.comm as dist
-    base_rss = _rss_mb()
+    base_rss = rss_mb()
     torch.manual_seed(0)
     layers = tuple(spec["exits"]) or None
     config = ModuleFormerConfig(**spec["model"])
@@ -101,8 +93,8 @@ def _child(spec: dict) -> dict:
     if device == "cuda":
         row["peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
-        row["peak_rss_mb"] = _peak_rss_mb()
-        row["peak_delta_mb"] = _peak_rss_mb() - base_rss
+        row["peak_rss_mb"] = peak_rss_mb()
+        row["peak_delta_mb"] = peak_rss_mb() - base_rss
     return row
 
 

@@ -52,6 +52,13 @@ def additive_causal_mask(mask: Optional[Tensor], past: int, length: int, dtype: 
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def check_ids_in_vocab(input_ids: Tensor, vocab: int) -> None:
+    """Raise ``ValueError`` naming the range when an id of ``input_ids`` (any shape) is outside ``[0, vocab)``."""
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise ValueError(f"input ids must be in [0, {vocab}) (the embedding size), got values in "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}].")
+
+
 class BackboneAdapter:
     """One decoder-only family under :class:`~.stack.LayerStack`. ``blocks`` (the layers, 0-based), ``num_layers``.
 
@@ -109,10 +116,7 @@ class BackboneAdapter:
 
     def check_ids(self, input_ids: Tensor) -> None:
         """Raise ``ValueError`` for ids outside the embedding."""
-        vocab = self.backbone.wte.num_embeddings
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ValueError(f"input ids must be in [0, {vocab}) (the embedding size), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}].")
+        check_ids_in_vocab(input_ids, self.backbone.wte.num_embeddings)
 
 
 class ModuleFormerAdapter(BackboneAdapter):

@@ -23,7 +23,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.models.t5.modeling_t5 import T5Block, T5Stack
 
 from ..hf_compat import cache_kwargs
-from .backbones import BackboneAdapter, additive_causal_mask, register_adapter
+from .backbones import BackboneAdapter, additive_causal_mask, check_ids_in_vocab, register_adapter
 
 
 # transformers < 5.2x T5 blocks take cache_position (cross-attention reads its query length from it) and use a given
@@ -52,10 +52,7 @@ class LlamaAdapter(BackboneAdapter):
         self.num_layers = len(self.blocks)
 
     def check_ids(self, input_ids: Tensor) -> None:
-        vocab = self.backbone.embed_tokens.num_embeddings
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ValueError(f"input ids must be in [0, {vocab}) (the embedding size), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}].")
+        check_ids_in_vocab(input_ids, self.backbone.embed_tokens.num_embeddings)
 
     def embed(self, input_ids: Tensor, positions: Optional[Tensor]) -> Tensor:
         self.check_ids(input_ids)
@@ -129,10 +126,7 @@ class T5DecoderAdapter(BackboneAdapter):
         return cache.self_attention_cache
 
     def check_ids(self, input_ids: Tensor) -> None:
-        vocab = self.backbone.embed_tokens.num_embeddings
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ValueError(f"input ids must be in [0, {vocab}) (the embedding size), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}].")
+        check_ids_in_vocab(input_ids, self.backbone.embed_tokens.num_embeddings)
 
     def embed(self, input_ids: Tensor, positions: Optional[Tensor]) -> Tensor:
         self.check_ids(input_ids)
