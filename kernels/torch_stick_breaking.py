@@ -59,7 +59,7 @@ from torch import Tensor
 from .backend import tracing
 from .checks import check_attention_mask, check_attention_shapes
 
-__all__ = ["torch_stick_breaking_attention", "DIRECT_MAX_T"]
+__all__ = ["torch_stick_breaking_attention", "head_major_stick_breaking", "DIRECT_MAX_T"]
 
 _LN2 = math.log(2.0)
 _INV_LN2 = 1.0 / _LN2
@@ -295,26 +295,36 @@ def _backward(p: _Prepared, out: Tensor, dout: Tensor, block: int, key_block: Op
     return dq, dk, dv
 
 
-def _direct(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: float) -> Tensor:
-    """Few query rows (decode): one [B, H, T*K, S] pass on K/V in place, no reversed copies; autograd-able.
+def head_major_stick_breaking(qh: Tensor, kh: Tensor, vh: Tensor, keep: Optional[Tensor], queries: int,
+                              scale: float) -> Tensor:
+    """Stick-breaking attention of a few query rows (decode) in the KV cache's head-major layout, un-blocked.
 
-    Same log-space formula; the inclusive reverse cumsum runs on the small logit tensor (flip, cumsum, flip).
-    Returns [B, T, K, H, D] in the compute dtype.
+    The rows are ``queries`` positions x K query sets, ordered (t, k): row r is position ``S - queries + r // K``
+    (the last ``queries`` of the S positions, diagonal included). One ``[B, H, R, S]`` logit tensor on K/V as they
+    are (no reversed copies); the inclusive reverse cumsum runs on it by flip, cumsum, flip; autograd-able.
+
+    Args:
+        qh: ``[B, H, R, D]`` query rows (R = queries * K), any strides, unscaled.
+        kh, vh: ``[B, H, S, D]`` keys / values (e.g. a KV cache's tensors; strided views are read as they are).
+        keep: ``[B, S]`` 0/1 (nonzero = visible) or None.
+        queries: the number of query positions T (R / K).
+        scale: logit scale (1/sqrt(D) in the model).
+    Returns:
+        ``[B, H, R, D]`` in the compute dtype (fp32; fp64 for fp64 inputs).
     """
-    B, T, K, H, D = q.shape
-    S = k.shape[1]
-    cdt = _compute_dtype(q.dtype)
-    if not q.dtype == k.dtype == v.dtype == cdt:  # (fp32 inputs: no conversion calls)
-        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-    qh = q.permute(0, 3, 1, 2, 4).reshape(B, H, T * K, D) * (scale * _INV_LN2)
-    L = torch.matmul(qh, k.permute(0, 2, 3, 1)).clamp(-_L_CLAMP, _L_CLAMP)  # [B, H, T*K, S] base-2
-    vis = None  # T = 1 without a mask (plain decode): every key is visible, so no masking passes at all
-    if T > 1:
-        row_pos = torch.arange(S - T, S, device=q.device).repeat_interleave(K)  # absolute position of each row
-        vis = (torch.arange(S, device=q.device)[None, :] <= row_pos[:, None]).to(cdt)  # [T*K, S] causal
+    S = kh.shape[2]
+    cdt = _compute_dtype(qh.dtype)
+    if not qh.dtype == kh.dtype == vh.dtype == cdt:  # (fp32 inputs: no conversion calls)
+        qh, kh, vh = qh.to(cdt), kh.to(cdt), vh.to(cdt)
+    rows = qh.shape[2]
+    L = torch.matmul(qh * (scale * _INV_LN2), kh.transpose(2, 3)).clamp(-_L_CLAMP, _L_CLAMP)  # [B, H, R, S] base 2
+    vis = None  # one query position without a mask (plain decode): every key is visible, so no masking passes
+    if queries > 1:
+        row_pos = torch.arange(S - queries, S, device=qh.device).repeat_interleave(rows // queries)
+        vis = (torch.arange(S, device=qh.device)[None, :] <= row_pos[:, None]).to(cdt)  # [R, S] causal
     if keep is not None:
-        keep_c = keep.to(cdt)[:, None, None, :]  # [B, 1, 1, S]
-        vis = keep_c if vis is None else vis * keep_c  # [B, 1, T*K, S]
+        keep_c = (keep != 0).to(cdt)[:, None, None, :]  # [B, 1, 1, S]
+        vis = keep_c if vis is None else vis * keep_c  # [B, 1, R, S]
     sp = torch.exp2(L).log1p()  # softplus(l)
     if vis is not None:
         sp = sp * vis  # 0 where invisible: those keys do not break the stick
@@ -322,7 +332,15 @@ def _direct(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: floa
     A = torch.exp2(torch.sub(L, cs, alpha=_INV_LN2).clamp(min=_LOGA_MIN))  # log2 A = L - cs / ln 2
     if vis is not None:
         A = A * vis
-    out = torch.matmul(A, v.permute(0, 2, 1, 3))  # [B, H, T*K, D]
+    return torch.matmul(A, vh)  # [B, H, R, D]
+
+
+def _direct(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: float) -> Tensor:
+    """Few query rows (decode) in the kernel's layout: q ``[B, T, K, H, D]``, k/v ``[B, S, H, D]`` ->
+    ``[B, T, K, H, D]`` in the compute dtype, through :func:`head_major_stick_breaking`."""
+    B, T, K, H, D = q.shape
+    qh = q.permute(0, 3, 1, 2, 4).reshape(B, H, T * K, D)
+    out = head_major_stick_breaking(qh, k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), keep, T, scale)
     return out.view(B, H, T, K, D).permute(0, 2, 3, 1, 4).contiguous()
 
 

@@ -34,6 +34,15 @@ def stick_breaking_weights(q: Tensor, k: Tensor, attention_mask: Optional[Tensor
     return torch.where(visible, (logits + suffix).exp(), 0.0)
 
 
+def check_mask_covers(attention_mask: Optional[Tensor], batch: int, context: int) -> None:
+    """Raise unless ``attention_mask`` is None or ``[batch, context]`` (context = cached + new positions)."""
+    if attention_mask is not None and attention_mask.shape != (batch, context):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the layer attends over {context} "
+            f"positions (cached + new) for batch {batch}: pass a [batch, past + new] mask covering every position."
+        )
+
+
 class ModuleFormerAttention(nn.Module):
     """ModuleFormer's MoA layer (IBM's parameter names: ``q_proj`` MoE, shared ``k_proj`` / ``v_proj`` with bias).
 
@@ -109,11 +118,7 @@ class ModuleFormerAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs)
         context = k.shape[2]
-        if attention_mask is not None and attention_mask.shape != (bsz, context):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but the layer attends over {context} "
-                f"positions (cached + new) for batch {bsz}: pass a [batch, past + new] mask covering every position."
-            )
+        check_mask_covers(attention_mask, bsz, context)
         q = q.view(bsz, length, self.top_k, self.n_head, self.head_size)  # (B, T, k, nh, hs)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, nh, hs) views: the kernels read strides
         weights = None

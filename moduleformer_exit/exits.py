@@ -27,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .contrast import auto_contrastive_log_probs, auto_contrastive_log_probs_at_head
 from .hf_compat import cache_kwargs, output_cache, pick_cache, reject_unknown_kwargs
 from .multi_exit_config import ORIGINAL, MultiExitConfiguration, VocabularyProjectionMode
+from .plain_modules import is_plain, no_global_hooks
 
 HEAD_PREFIX = "name_to_lm_exit_head."
 EXIT_LOSS_WEIGHTINGS = ("sum", "calm")
@@ -274,11 +275,9 @@ class MultiExitMixin:
             return self.exit_logits(hidden_states, cfg.output_layer_index)
         (h_up, head_up), (h_low, head_low) = (self._exit_projection(hidden_states, layer)
                                               for layer in cfg.contrast_layer_indices)
-        # the lower head's rows are read directly, so only a plain nn.Linear qualifies: a ZeRO-3 partitioned head
-        # (ds_id) is gathered only by its forward, a PEFT-wrapped head is no nn.Linear, and a hooked head (e.g.
-        # accelerate offloading, user hooks) must see its forward called
-        if (cfg.contrast_function is not None or not isinstance(head_low, nn.Linear)
-                or hasattr(head_low.weight, "ds_id") or head_low._forward_hooks or head_low._forward_pre_hooks):
+        # the lower head's rows are read directly, so only a plain nn.Linear qualifies (see plain_modules: ZeRO-3
+        # partitioned, PEFT-wrapped, quantised or hooked heads must see their forward called)
+        if cfg.contrast_function is not None or not (is_plain(head_low, nn.Linear) and no_global_hooks()):
             upper, lower = self.contrast_pair_logits(hidden_states, *cfg.contrast_layer_indices)
             if cfg.contrast_function is not None:
                 return cfg.contrast_function(upper, lower)

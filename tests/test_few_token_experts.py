@@ -89,8 +89,12 @@ def test_greedy_decode_fast_path_equals_general_path(monkeypatch):
                                  output_logits=True, return_dict_in_generate=True)
         return out.sequences, torch.stack(out.logits)
 
-    seq_fast, logits_fast = run()
+    import moduleformer_exit.modeling as modeling_mod
     import moduleformer_exit.moe as moe_mod
+
+    # the modules' own path (the block decode step has its own tests: test_decode_step.py)
+    monkeypatch.setattr(modeling_mod, "decode_step_applies", lambda *a: False)
+    seq_fast, logits_fast = run()
 
     monkeypatch.setattr(moe_mod, "FEW_TOKENS", 0)  # every call takes the general path
     seq_gen, logits_gen = run()
