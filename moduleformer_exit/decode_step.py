@@ -1,17 +1,20 @@
 """The few-token inference step of a ModuleFormer block (decode): the block's math without its module plumbing.
 
-A batch-1 decode step runs ~110 tensor ops per block through ~20 module calls; on a CPU every op and call costs
-microseconds that the few-token GEMVs do not hide. :func:`block_decode_step` computes the same block output from
-the modules' parameters with about half the ops: LayerNorms, routers and K/V projections as functional calls, the
-selected experts' weights read directly (:mod:`kernels.few_token_experts`), and stick-breaking attention in the KV
-cache's own head-major layout (:func:`kernels.torch_stick_breaking.head_major_stick_breaking`: no permuted copies).
-The results equal the general path's up to fp32 rounding (tests: <= 1e-6).
+A batch-1 decode step of the modules runs ~20 module calls and ~110 dispatched tensor ops per block; on a CPU each
+costs microseconds that the few-token GEMVs do not hide. :func:`block_decode_step` computes the same block output
+from the modules' parameters without the submodule calls and with fewer ops (907 -> 787 dispatched ops per token
+for ``configs/moduleformer-25m-active.json``, ``bench --only decode_limit``): LayerNorms, routers and K/V
+projections as functional calls, the selected experts' weights read directly (:mod:`kernels.few_token_experts`),
+and stick-breaking attention in the KV cache's own head-major layout
+(:func:`kernels.torch_stick_breaking.head_major_stick_breaking`: no permuted copies). The results equal the general
+path's up to fp32 rounding (tests: <= 1e-6; float64 <= 1e-12).
 
 :func:`decode_step_applies` decides per call. The step is taken only where it is the same computation: CPU tensors
 (the expert ids are read on the host), at most ``FEW_TOKENS`` tokens, inference (no gradient, eval mode, no aux
 loss, no attention weights asked), the torch attention kernel, expert layers without biases, and every bypassed
 module exactly its stock class without hooks or ZeRO-3 partitioning (:mod:`moduleformer_exit.plain_modules`).
-Anything else (PEFT adapters, accelerate offloading, user hooks, CUDA, training) runs the modules as usual.
+Anything else (PEFT adapters, accelerate offloading, user hooks, CUDA, training) runs the modules as usual, and
+so does everything while :data:`ENABLED` is False.
 """
 from __future__ import annotations
 
@@ -30,67 +33,80 @@ from .kernels.backend import tracing
 from .kernels.few_token_experts import FEW_TOKENS, few_token_map, few_token_reduce
 from .kernels.torch_stick_breaking import head_major_stick_breaking, torch_stick_breaking_attention
 from .moe import MoE, ParallelExperts
-from .plain_modules import is_plain, no_global_hooks, unhooked
+from .plain_modules import is_stock, no_global_hooks, unhooked
 
-__all__ = ["decode_step_applies", "block_decode_step"]
+__all__ = ["decode_step_applies", "block_decode_step", "ENABLED"]
+
+ENABLED = True  # False: every block runs its modules (benchmarks compare the two; a switch for debugging)
 
 _GATE_LAYERS = {"mlp": (nn.Linear, nn.GELU, nn.Dropout, nn.Linear), "linear": (nn.Linear,)}
 
 
-def _bypassed_modules(block: nn.Module) -> Optional[list[tuple[nn.Module, str, nn.Module]]]:
-    """``(parent, name, module)`` of every module the step reads instead of calling, or None if one of them is not
-    the stock class the step assumes (or an expert layer has biases, or a gate is a gmm gate)."""
-    entries, expected = [], []
+class _Bypassed:
+    """The modules a block's step reads instead of calling, found once per block: ``entries`` are
+    ``(parent, name, module)`` (parent None = the block itself, so nothing here keeps the block alive), and
+    ``ok`` says whether they are the stock classes the step assumes (exact classes, no expert biases, no gmm gate,
+    no ZeRO-3 partitioned parameters). Hooks and train mode are not part of it: they are checked on every call."""
 
-    def add(parent: nn.Module, name: str, cls: type) -> nn.Module:
-        module = parent._modules[name]
-        entries.append((parent, name, module))
-        expected.append((module, cls))
-        return module
+    def __init__(self, block: nn.Module) -> None:
+        self.entries: list[tuple[Optional[nn.Module], str, nn.Module]] = []
+        self.ok = self._walk(block)
 
-    attn = add(block, "attn", ModuleFormerAttention)
-    add(block, "ln_1", nn.LayerNorm)
-    add(block, "ln_2", nn.LayerNorm)
-    for name in ("k_proj", "v_proj"):
-        add(attn, name, nn.Linear if isinstance(attn._modules[name], nn.Linear) else nn.Identity)
-    for moe in (add(attn, "q_proj", MoE), add(block, "mlpf", MoE)):
-        for name in ("experts", "output_experts"):
-            if add(moe, name, ParallelExperts).bias is not None:
-                return None
-        gate = add(moe, "gate", TopKGating)
-        if type(gate) is not TopKGating or gate.gate_type not in _GATE_LAYERS:
-            return None  # (gmm gates keep their module call)
-        seq = add(gate, "w_gate", nn.Sequential)
-        layers = _GATE_LAYERS[gate.gate_type]
-        if len(seq) != len(layers):
-            return None
-        for index, cls in enumerate(layers):
-            add(seq, str(index), cls)
-    if not all(is_plain(module, cls) for module, cls in expected):
-        return None
-    return entries
+    def _add(self, parent: nn.Module, name: str, cls: type, block: nn.Module) -> Optional[nn.Module]:
+        module = parent._modules.get(name)
+        self.entries.append((None if parent is block else parent, name, module))
+        return module if module is not None and is_stock(module, cls) else None  # (never descend into others)
+
+    def _walk(self, block: nn.Module) -> bool:
+        attn = self._add(block, "attn", ModuleFormerAttention, block)
+        if attn is None or self._add(block, "ln_1", nn.LayerNorm, block) is None \
+                or self._add(block, "ln_2", nn.LayerNorm, block) is None:
+            return False
+        for name in ("k_proj", "v_proj"):
+            cls = nn.Linear if isinstance(attn._modules.get(name), nn.Linear) else nn.Identity
+            if self._add(attn, name, cls, block) is None:
+                return False
+        for parent, name in ((attn, "q_proj"), (block, "mlpf")):
+            moe = self._add(parent, name, MoE, block)
+            if moe is None:
+                return False
+            for experts in ("experts", "output_experts"):
+                layer = self._add(moe, experts, ParallelExperts, block)
+                if layer is None or layer.bias is not None:
+                    return False
+            gate = self._add(moe, "gate", TopKGating, block)
+            if gate is None or gate.gate_type not in _GATE_LAYERS:
+                return False  # (gmm gates keep their module call)
+            seq = self._add(gate, "w_gate", nn.Sequential, block)
+            layers = _GATE_LAYERS[gate.gate_type]
+            if seq is None or len(seq) != len(layers):
+                return False
+            if any(self._add(seq, str(index), cls, block) is None for index, cls in enumerate(layers)):
+                return False
+        return True
+
+    def current(self, block: nn.Module) -> bool:
+        """No module was replaced (e.g. by PEFT injecting or merging adapters) since the walk."""
+        return all((parent or block)._modules.get(name) is module for parent, name, module in self.entries)
 
 
-# block -> its bypassed modules (rebuilt when a module was replaced, e.g. by PEFT); weak, so blocks can be freed
-_BYPASSED: "weakref.WeakKeyDictionary[nn.Module, Optional[list]]" = weakref.WeakKeyDictionary()
-
-
-def _still_current(entries: list[tuple[nn.Module, str, nn.Module]]) -> bool:
-    return all(parent._modules.get(name) is module for parent, name, module in entries)
+# block -> _Bypassed (re-walked when a module was replaced); weak keys, and the values hold no reference to the block
+_BYPASSED: "weakref.WeakKeyDictionary[nn.Module, _Bypassed]" = weakref.WeakKeyDictionary()
 
 
 def decode_step_applies(block: nn.Module, hidden_states: Tensor, compute_aux: bool, output_attentions: bool) -> bool:
     """Whether :func:`block_decode_step` computes this ``ModuleFormerBlock`` call (``hidden_states`` ``[B, T, d]``)
     exactly as its modules would (see the module docstring for the conditions). Cheap: the structural check is
-    cached per block; module identity and hooks are re-checked on every call."""
-    if (compute_aux or output_attentions or block.training or torch.is_grad_enabled()
+    cached per block; module identity, hooks and train mode are re-checked on every call."""
+    if (not ENABLED or compute_aux or output_attentions or block.training or torch.is_grad_enabled()
             or hidden_states.device.type != "cpu" or hidden_states.shape[0] * hidden_states.shape[1] > FEW_TOKENS
             or tracing() or not no_global_hooks()):
         return False
-    entries = _BYPASSED.get(block, False)
-    if entries is False or (entries is not None and not _still_current(entries)):
-        entries = _BYPASSED[block] = _bypassed_modules(block)
-    if entries is None or not all(unhooked(module) for _, _, module in entries):
+    bypassed = _BYPASSED.get(block)
+    if bypassed is None or not bypassed.current(block):
+        bypassed = _BYPASSED[block] = _Bypassed(block)
+    # a submodule left in train mode (e.g. MC dropout on the router) must run its forward
+    if not bypassed.ok or not all(unhooked(m) and not m.training for _, _, m in bypassed.entries):
         return False
     return block.attn._attention_kernel(hidden_states.device) is torch_stick_breaking_attention
 

@@ -114,7 +114,7 @@ class ModuleFormerBlock(GradientCheckpointingLayer):
         """``hidden_states`` ``[B, T, n_embd]`` -> (new hidden states, aux loss or None, (att, mlp) router logits,
         attention weights or None). The model's output recorders read entries 0 (hidden states) and 2 (router
         logits) of this tuple, and entry 3 of the attention's. A few tokens at inference on CPU take
-        :func:`~moduleformer_exit.decode_step.block_decode_step` (the same result with about half the ops)."""
+        :func:`~moduleformer_exit.decode_step.block_decode_step` (the same result without the submodule calls)."""
         if decode_step_applies(self, hidden_states, compute_aux, output_attentions):
             return block_decode_step(self, hidden_states, attention_mask, cache)
         attn_out, att_aux, att_logits, weights = self.attn(
@@ -143,7 +143,9 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
     # transformers' output capture (hooks), used by ModuleFormerModel.forward's @capture_outputs.
     _can_record_outputs = {
         "hidden_states": OutputRecorder(ModuleFormerBlock, index=0),
-        "attentions": OutputRecorder(ModuleFormerAttention, index=3),
+        # recorded from the block (which returns the attention weights as entry 3): transformers keeps a recorder's
+        # hooks once installed, and a hook on the attention module would keep the block decode step off for good
+        "attentions": OutputRecorder(ModuleFormerBlock, index=3),
         "router_logits": OutputRecorder(ModuleFormerBlock, index=2),
     }
 

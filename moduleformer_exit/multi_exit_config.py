@@ -1,7 +1,6 @@
 """MultiExitConfiguration: runtime options of multi-exit models (drop-in for autocontrastive-gen's class)."""
 from __future__ import annotations
 
-import ast
 import enum
 import math
 from dataclasses import dataclass, fields

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-__all__ = ["is_plain", "unhooked", "no_global_hooks"]
+__all__ = ["is_plain", "is_stock", "unhooked", "no_global_hooks"]
 
 
 def no_global_hooks() -> bool:
@@ -28,9 +28,14 @@ def unhooked(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
-def is_plain(module: nn.Module, cls: type) -> bool:
-    """``module`` is exactly a ``cls`` (not a subclass), :func:`unhooked`, and holds no ZeRO-3 partitioned
-    parameters. Global hooks: :func:`no_global_hooks`."""
-    if type(module) is not cls or not unhooked(module):
+def is_stock(module: nn.Module, cls: type) -> bool:
+    """``module`` is exactly a ``cls`` (not a subclass) and holds no ZeRO-3 partitioned parameters (what does not
+    change while a model is used; hooks do, see :func:`unhooked`)."""
+    if type(module) is not cls:
         return False
     return not any(hasattr(p, "ds_id") for p in module._parameters.values() if p is not None)
+
+
+def is_plain(module: nn.Module, cls: type) -> bool:
+    """:func:`is_stock` and :func:`unhooked` (global hooks: :func:`no_global_hooks`)."""
+    return is_stock(module, cls) and unhooked(module)

@@ -64,15 +64,14 @@ def test_greedy_decode_equals_general_path(tiny_model, steps, gate_type, padded)
 
 
 def _cached_forward(model, prompt, new_tokens, mask=None):
-    """Prefill ``prompt`` then one forward of ``new_tokens`` [B, T] on the cache: (logits, every layer's cached
-    keys and values). (Asking for hidden states would attach transformers' recorder hooks to the attention
-    modules, and the step would rightly step aside.)"""
+    """Prefill ``prompt`` then one forward of ``new_tokens`` [B, T] on the cache: (logits, every hidden state,
+    every layer's cached keys and values)."""
     with torch.no_grad():
         out = model(prompt, attention_mask=None if mask is None else mask[:, :prompt.shape[1]], use_cache=True)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        step = model(new_tokens, attention_mask=mask, cache=cache, use_cache=True)
+        step = model(new_tokens, attention_mask=mask, cache=cache, use_cache=True, output_hidden_states=True)
     kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    return [step.logits] + kv
+    return [step.logits, *step.hidden_states] + kv
 
 
 @pytest.mark.parametrize("batch,length", [(1, 1), (1, 3), (2, 2), (4, 1)])
@@ -146,7 +145,7 @@ def _hook_on_gate(model):
 
 def _wrap_k_proj(model):
     old = model.transformer.h[1].attn.k_proj
-    new = _LoraLikeLinear(old.in_features, old.out_features)
+    new = _LoraLikeLinear(old.in_features, old.out_features).eval()  # eval: the class alone must make it step aside
     new.load_state_dict(old.state_dict())
     model.transformer.h[1].attn.k_proj = new
 
@@ -257,4 +256,110 @@ def test_hook_added_after_the_first_step_is_honoured(tiny_model, steps):
     steps.general()
     seq_gen, logits_gen = _generate(model, prompt)
     assert torch.equal(seq_fast, seq_gen)
+    torch.testing.assert_close(logits_fast, logits_gen, atol=1e-6, rtol=1e-6)
+
+
+def test_the_switch_turns_the_step_off(tiny_model, steps, monkeypatch):
+    from moduleformer_exit import decode_step
+
+    model = tiny_model(seed=13)
+    monkeypatch.setattr(decode_step, "ENABLED", False)
+    _generate(model, torch.randint(3, 97, (1, 5)), new=3)
+    assert steps.n == 0
+
+
+def test_output_capture_leaves_the_step_on(tiny_model, steps):
+    """transformers keeps its output recorders' hooks once installed: they sit on the blocks only (attention weights
+    included), so asking for hidden states once does not switch the step off for later decoding."""
+    model = tiny_model(seed=14)
+    with torch.no_grad():
+        model(torch.randint(3, 97, (1, 6)), output_hidden_states=True, output_attentions=True,
+              output_router_logits=True)
+    _generate(model, torch.randint(3, 97, (1, 5)))
+    assert steps.n == 5 * model.config.n_layer
+
+
+def test_exit_head_decoding_takes_the_step(steps):
+    """Multi-exit decoding reads hidden states at every step (the exits' inputs): the step still applies."""
+    from conftest import tiny_config_kwargs
+    from moduleformer_exit import ModuleFormerConfig
+    from moduleformer_exit.multi_exit_config import MultiExitConfiguration
+    from moduleformer_exit.multi_exit_models import AutoMultiExitModel
+
+    torch.manual_seed(15)
+    config = ModuleFormerConfig(**tiny_config_kwargs(n_layer=4))
+    model = AutoMultiExitModel.from_config(config, MultiExitConfiguration(
+        lm_head_layer_indices=(2, 4), output_layer_index=2, use_original_head=False)).eval()
+    prompt = torch.randint(3, 97, (1, 5))
+    seq_fast, logits_fast = _generate(model, prompt)
+    assert steps.n == 5 * 4
+    steps.general()
+    seq_gen, logits_gen = _generate(model, prompt)
+    torch.testing.assert_close(logits_fast, logits_gen, atol=1e-6, rtol=1e-6)
+
+
+class _Wrapper(nn.Module):
+    """A module wrapped with other children (as PEFT's ``modules_to_save`` wraps one): no ``experts`` child."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.original_module = inner
+
+    def forward(self, *args, **kwargs):
+        return self.original_module(*args, **kwargs)
+
+
+def test_wrapped_expert_layer_steps_aside_without_error(tiny_model, steps):
+    model = tiny_model(seed=16)
+    model.transformer.h[0].mlpf = _Wrapper(model.transformer.h[0].mlpf).eval()
+    prompt = torch.randint(3, 97, (1, 5))
+    seq_fast, logits_fast = _generate(model, prompt)
+    assert steps.n == 5 * (model.config.n_layer - 1)
+    steps.general()
+    seq_gen, logits_gen = _generate(model, prompt)
+    torch.testing.assert_close(logits_fast, logits_gen, atol=1e-6, rtol=1e-6)
+
+
+def test_step_resumes_after_a_hook_is_removed_or_a_wrapper_undone(tiny_model, steps):
+    model = tiny_model(seed=17)
+    prompt = torch.randint(3, 97, (1, 5))
+    handle = model.transformer.h[0].ln_1.register_forward_hook(lambda *a: None)
+    _generate(model, prompt)
+    assert steps.n == 5 * (model.config.n_layer - 1)
+    handle.remove()
+    _generate(model, prompt)
+    assert steps.n == 5 * (model.config.n_layer - 1) + 5 * model.config.n_layer
+    wrapped = model.transformer.h[1].mlpf
+    model.transformer.h[1].mlpf = _Wrapper(wrapped).eval()
+    _generate(model, prompt)
+    model.transformer.h[1].mlpf = wrapped  # e.g. merge_and_unload
+    before = steps.n
+    _generate(model, prompt)
+    assert steps.n - before == 5 * model.config.n_layer
+
+
+def test_blocks_are_freed_with_their_model(tiny_model, steps):
+    import gc
+    import weakref
+
+    model = tiny_model(seed=18)
+    _generate(model, torch.randint(3, 97, (1, 5)), new=2)
+    assert steps.n > 0
+    block = weakref.ref(model.transformer.h[0])
+    del model
+    gc.collect()
+    assert block() is None
+
+
+def test_a_router_dropout_left_in_train_mode_runs_its_forward(tiny_model, steps):
+    """MC-dropout style: the block in eval, one router's dropout in train mode; the modules' path applies it."""
+    model = tiny_model(seed=19, moe_pdrop=0.5)
+    model.transformer.h[1].mlpf.gate.w_gate[2].train()
+    prompt = torch.randint(3, 97, (1, 5))
+    torch.manual_seed(0)
+    seq_fast, logits_fast = _generate(model, prompt)
+    assert steps.n == 5 * (model.config.n_layer - 1)
+    steps.general()
+    torch.manual_seed(0)
+    seq_gen, logits_gen = _generate(model, prompt)
     torch.testing.assert_close(logits_fast, logits_gen, atol=1e-6, rtol=1e-6)
