@@ -62,7 +62,7 @@ def bench_acd_decode(
     new_tokens: int = 64,
     threads: int = 2,
     config: Optional[ModuleFormerConfig] = None,
-    repeats: int = 3,
+    repeats: int = 7,
 ) -> list[dict]:
     """Greedy decode tokens/s with ACD vs plain greedy on the same ModuleFormer (exit heads at n_layer/2 and n_layer).
 
