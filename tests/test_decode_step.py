@@ -42,6 +42,14 @@ def _generate(model, prompt, mask=None, new=6):
     return out.sequences, torch.stack(out.logits)
 
 
+def _assert_general_path_agrees(model, prompt, fast, steps):
+    """``fast`` = (sequences, logits) of a run; the modules' path must give the same."""
+    steps.general()
+    seq_gen, logits_gen = _generate(model, prompt)
+    assert torch.equal(fast[0], seq_gen)
+    torch.testing.assert_close(fast[1], logits_gen, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("gate_type", ["mlp", "linear"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_greedy_decode_equals_general_path(tiny_model, steps, gate_type, padded):
@@ -196,20 +204,6 @@ def test_steps_aside_where_the_shortcut_would_differ(tiny_model, steps, case):
     torch.testing.assert_close(logits_fast, logits_gen, atol=1e-6, rtol=1e-6)
 
 
-def test_module_replaced_after_the_first_step_is_noticed(tiny_model, steps):
-    model = tiny_model(seed=9)
-    prompt = torch.randint(3, 97, (1, 5))
-    _generate(model, prompt, new=2)
-    assert steps.n == model.config.n_layer
-    _wrap_k_proj(model)  # e.g. PEFT injecting adapters after the model was used
-    seq_fast, logits_fast = _generate(model, prompt)
-    assert steps.n == model.config.n_layer + 5 * (model.config.n_layer - 1)
-    steps.general()
-    seq_gen, logits_gen = _generate(model, prompt)
-    assert torch.equal(seq_fast, seq_gen)
-    torch.testing.assert_close(logits_fast, logits_gen, atol=1e-6, rtol=1e-6)
-
-
 @pytest.mark.parametrize("mode", ["training", "grad enabled", "attention weights", "router logits", "too many"])
 def test_not_taken_outside_plain_inference(tiny_model, steps, mode):
     model = tiny_model(seed=10)
@@ -243,20 +237,20 @@ def test_head_major_stick_breaking_matches_the_explicit_weights():
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
-def test_hook_added_after_the_first_step_is_honoured(tiny_model, steps):
-    """The structural verdict is cached per block; hooks registered later must still be seen on every call."""
+@pytest.mark.parametrize("change", ["wrapped k_proj (PEFT-like)", "hook on a router layer"])
+def test_a_change_after_the_first_step_is_noticed(tiny_model, steps, change):
+    """The structural verdict is cached per block: a module replaced later (PEFT injecting adapters) is noticed,
+    and hooks registered later are seen on every call."""
     model = tiny_model(seed=12)
     prompt = torch.randint(3, 97, (1, 5))
     _generate(model, prompt, new=2)
     assert steps.n == model.config.n_layer
-    seen = _hook_on_gate(model)
-    seq_fast, logits_fast = _generate(model, prompt)
-    assert len(seen) == 6  # prefill + 5 decode steps: block 0 stepped aside every time
+    seen = _wrap_k_proj(model) if change.startswith("wrapped") else _hook_on_gate(model)
+    fast = _generate(model, prompt)
+    if seen is not None:
+        assert len(seen) == 6  # prefill + 5 decode steps: block 0 stepped aside every time
     assert steps.n == model.config.n_layer + 5 * (model.config.n_layer - 1)
-    steps.general()
-    seq_gen, logits_gen = _generate(model, prompt)
-    assert torch.equal(seq_fast, seq_gen)
-    torch.testing.assert_close(logits_fast, logits_gen, atol=1e-6, rtol=1e-6)
+    _assert_general_path_agrees(model, prompt, fast, steps)
 
 
 def test_the_switch_turns_the_step_off(tiny_model, steps, monkeypatch):
