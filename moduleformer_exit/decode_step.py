@@ -125,7 +125,7 @@ def _route(gate: TopKGating, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
                           last.bias)
     else:
         logits = F.linear(x, seq[0].weight, seq[0].bias)
-    gates, ids = torch.softmax(logits.float(), dim=1).topk(gate.top_k, dim=1)
+    gates, ids = gate.routing_probs(logits).topk(gate.top_k, dim=1)  # eval: no sampled experts
     return ids, gates, logits
 
 

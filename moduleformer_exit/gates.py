@@ -118,11 +118,15 @@ class TopKGating(nn.Module):
             return (z @ centroids.t()) * self.temperature.exp()
         return self.w_gate(x)
 
+    @staticmethod
+    def routing_probs(logits: Tensor) -> Tensor:
+        """``[N, E]`` float32 routing probabilities of router logits (fp32 keeps bf16 routing stable)."""
+        return torch.softmax(logits.float(), dim=1)
+
     def forward(self, x: Tensor) -> Routing:
         """Route tokens ``x`` ``[N, input_size]``; returns a :class:`Routing` with ``[N, k]`` indices and gates."""
         logits = self.compute_logits(x)
-        # Routing probabilities in fp32 (identical in fp32; keeps bf16 routing stable).
-        probs = torch.softmax(logits.float(), dim=1)
+        probs = self.routing_probs(logits)
         num_sampled = self.sample_topk if self.training else 0
         if num_sampled > 0:
             # The first k - s experts are the most probable; the last s are drawn without replacement from the rest.
